@@ -142,6 +142,8 @@ class Plain(Template):
         self.eos = eos
 
     def segments(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
+        if sum(m.role == "assistant" for m in messages) > 1:
+            raise ValueError("the plain template takes one caption per sample (one assistant turn)")
         out: list[Segment] = []
         for message in messages:
             if message.role == "user":

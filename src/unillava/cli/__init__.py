@@ -13,6 +13,8 @@ from unillava.errors import UnillavaError
 COMMAND_MODULES = [
     "data_cmd",
     "score_cmd",
+    "generate_cmd",
+    "validate_cmd",
 ]
 
 

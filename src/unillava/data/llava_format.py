@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast, overload
@@ -135,7 +135,7 @@ def parse_record(record: Any, *, source: str) -> Sample:
     markers = [value.count(IMAGE_MARKER) for value in values]
     for i, (role, count) in enumerate(zip(roles, markers, strict=True)):
         if count and role != "user":
-            raise RecordError(source, f"conversations[{i}].value: '{IMAGE_MARKER}' marker in a {role} turn")
+            raise RecordError(source, f"conversations[{i}].value: '{IMAGE_MARKER}' marker in a {role} turn (only user turns hold images)")
     first_user = roles.index("user")
     if len(images) == 1 and sum(markers) == 0:
         values[first_user] = f"{IMAGE_MARKER}\n{values[first_user]}"
@@ -313,26 +313,32 @@ class ConversationFile(Sequence[Sample]):
         if self._stats is None:
             lengths: list[int] = []
             flags: list[bool] = []
-            for record in self._iter_raw_quiet():
+            for _, record in self.iter_raw():
                 length, has_image = _text_length_and_images(record)
                 lengths.append(length)
                 flags.append(has_image)
             self._stats = (lengths, flags)
         return self._stats
 
-    def _iter_raw_quiet(self) -> Any:
-        """Every record decoded in file order (sequential read); undecodable lines give None."""
+    def iter_raw(self) -> Iterator[tuple[str, Any]]:
+        """Every record in file order as (source, decoded JSON), read sequentially for fast full scans.
+
+        Records are not validated (use `parse_record`); an undecodable JSON line yields its `RecordError` in
+        place of the record, so one bad line does not end the scan.
+        """
         if self._items is not None:
-            yield from self._items
+            for i, item in enumerate(self._items):
+                yield f"{self.name}:item {i}", item
             return
         with self.path.open("rb") as f:
-            for line in f:
+            for lineno, line in enumerate(f, 1):
                 if line.isspace():
                     continue
+                source = f"{self.name}:{lineno}"
                 try:
-                    yield json.loads(line)
-                except ValueError:
-                    yield None
+                    yield source, _decode_line(line, source)
+                except RecordError as err:
+                    yield source, err
 
     def image_path(self, sample: Sample, i: int) -> Path:
         """The file of the sample's i-th image: relative paths are joined to `image_root`."""
@@ -352,6 +358,7 @@ def _decode_line(line: bytes, source: str) -> Any:
 
 
 def _text_length_and_images(record: Any) -> tuple[int, bool]:
+    """Cheap stats without validation; anything that is not a record counts as empty and text-only."""
     if not isinstance(record, dict):
         return 0, False
     turns = record.get("conversations")

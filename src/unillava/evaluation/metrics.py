@@ -1,0 +1,745 @@
+"""Pure metric functions that reproduce the official scorers of the benchmarks unillava reports.
+
+Each function names the public scorer it follows. Where that scorer has no rule for a case our
+procedural data produces (fewer than ten VQA answers, a missing prediction, no embedding model for
+GCG phrase similarity), the rule chosen here is stated in the function's docstring.
+
+Masks are numpy arrays (2-D, any dtype, nonzero = foreground) or COCO RLE dicts
+``{"size": [h, w], "counts": str | bytes | list[int]}``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import numbers
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+MaskLike = np.ndarray | Mapping[str, Any]
+
+METEOR_NEEDS_JAVA = "METEOR needs Java (apt-get install default-jre-headless)"
+
+# --------------------------------------------------------------------------------------------------
+# VQAv2 answer normalisation (GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py)
+# --------------------------------------------------------------------------------------------------
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've",
+    "somethingll": "something'll", "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a lookahead typo that never fires
+# in front of a period, so the effective rule is "a period not followed by a digit".
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+# The official call passes re.UNICODE (= 32) positionally as `count`, so at most 32 periods go.
+_OFFICIAL_PERIOD_COUNT = 32
+
+
+def _vqa_punctuation(text: str) -> str:
+    """Official processPunctuation: the decision to delete or space a mark looks at the input text."""
+    out = text
+    digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
+
+
+def _vqa_digits_articles(text: str) -> str:
+    """Official processDigitArticle: lower-case, number words to digits, drop articles, contractions."""
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa_answer(answer: str) -> str:
+    """Normalise an answer exactly as the VQAv2 evaluator does, so our accuracy matches theirs.
+
+    Newlines and tabs become spaces and the ends are stripped, then the official punctuation rule
+    (marks next to a space, or anywhere in a text holding a comma between digits, are deleted; other
+    marks become spaces; periods not followed by a digit are deleted), then lower-casing, number
+    words to digits ("two" -> "2", "none" -> "0"), articles removed and contractions restored
+    ("dont" -> "don't"). Whitespace includes Unicode spaces (str.split).
+    """
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _vqa_digits_articles(_vqa_punctuation(text))
+
+
+def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction, so that ten-answer data scores exactly as VQAv2 does.
+
+    With ten or more human answers: the official mean over the leave-one-out subsets of
+    min(#matches among the other answers / 3, 1) (1, 2, 3 matches of 10 give 0.3, 0.6, 0.9).
+    With fewer than ten (our procedural data gives one or a few acceptable answers): 1.0 if the
+    normalised prediction equals any normalised answer, else 0.0 — the 3-vote rule needs ten voters.
+    Both sides go through normalize_vqa_answer (the official code only cleans punctuation of
+    ground truths that disagree, because VQAv2 ground truths ship normalised; ours do not).
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    target = normalize_vqa_answer(pred)
+    normalised = [normalize_vqa_answer(a) for a in answers]
+    hits = [a == target for a in normalised]
+    if len(answers) < 10:
+        return 1.0 if any(hits) else 0.0
+    matches = sum(hits)
+    total = sum(min(1.0, (matches - int(hit)) / 3.0) for hit in hits)
+    return total / len(answers)
+
+
+def normalize_exact(text: str) -> str:
+    """Lower-case, collapse (Unicode) whitespace, strip the ends and any trailing periods."""
+    collapsed = " ".join(text.lower().split())
+    return collapsed.rstrip(".").rstrip()
+
+
+def exact_match(pred: str, answers: str | Sequence[str]) -> float:
+    """1.0 if the prediction equals any answer after normalize_exact, else 0.0; a strict companion to VQA accuracy."""
+    refs = [answers] if isinstance(answers, str) else list(answers)
+    target = normalize_exact(pred)
+    return 1.0 if any(normalize_exact(a) == target for a in refs) else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple choice: MMBench / VLMEvalKit can_infer (vlmeval/utils/matching_util.py)
+# --------------------------------------------------------------------------------------------------
+
+_MC_SEPARATORS = ".()[],:;!*#{}"
+_MC_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+
+
+def option_letters(n: int) -> list[str]:
+    """Letters for n options (A, B, ...), the labels MMBench prompts use."""
+    if not 0 <= n <= 26:
+        raise ValueError(f"between 0 and 26 options are supported, got {n}")
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def extract_option_letter(text: str, options: Sequence[str]) -> str | None:
+    """The option letter a free-text answer picks, following MMBench's can_infer, or None.
+
+    1. A refusal phrase from MMBench's list gives None (MMBench scores it as the wrong answer "Z").
+    2. can_infer_option: the marks ``.()[],:;!*#{}`` become spaces and the text is split on
+       whitespace; if exactly one option letter (upper case) is a whole token, that letter wins
+       ("B", "B.", "(B)", "The answer is B"). As in MMBench, a leading article "A" counts as a letter.
+    3. Otherwise can_infer_text: if the text is at most twice as long as all option texts together
+       and exactly one option text occurs in it (case-insensitive substring), that option wins.
+    4. Otherwise (no letter, several letters, several or no option texts) the answer is ambiguous:
+       None, which scores as wrong (MMBench would ask a judge LLM; we have none offline).
+    """
+    letters = option_letters(len(options))
+    for refusal in _MC_REFUSALS:
+        if refusal in text:
+            return None
+    spaced = text
+    for ch in _MC_SEPARATORS:
+        spaced = spaced.replace(ch, " ")
+    tokens = set(spaced.split())
+    found = [letter for letter in letters if letter in tokens]
+    if len(found) == 1:
+        return found[0]
+    lowered = text.lower()
+    if len(lowered) > 2 * sum(len(o) for o in options):
+        return None
+    matched = [letter for letter, opt in zip(letters, options, strict=True) if opt.lower() in lowered]
+    return matched[0] if len(matched) == 1 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# POPE (RUCAIBox/POPE evaluate.py, LLaVA llava/eval/eval_pope.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_pope_answer(text: str) -> str:
+    """Map a free-text answer to "yes"/"no" exactly as the POPE script does.
+
+    Keep the text before the first period, delete commas, split on single spaces; the answer is
+    "no" if a token is exactly "No", "no" or "not", otherwise "yes" (so "" and "NO" read as yes,
+    as in the official script).
+    """
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and yes-ratio with "yes" as the positive class, as POPE reports.
+
+    Texts are parsed with parse_pope_answer. A missing prediction (None) is scored as wrong: it takes
+    the answer opposite to its label (counts as FN for a "yes" label, FP for a "no" label, and in the
+    yes-ratio accordingly). Precision, recall and F1 are 0.0 where their denominator is 0 (the
+    official script would divide by zero). Labels must be "yes" or "no".
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    tp = fp = tn = fn = 0
+    for pred, label in zip(predictions, labels, strict=True):
+        if label not in ("yes", "no"):
+            raise ValueError(f"POPE label must be 'yes' or 'no', got {label!r}")
+        if pred is None:
+            answer = "no" if label == "yes" else "yes"
+        else:
+            answer = parse_pope_answer(pred)
+        if answer == "yes":
+            tp, fp = (tp + 1, fp) if label == "yes" else (tp, fp + 1)
+        else:
+            tn, fn = (tn + 1, fn) if label == "no" else (tn, fn + 1)
+    n = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n if n else 0.0,
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+
+def _rle_string_counts(counts: str) -> list[int]:
+    """Decode COCO's compressed RLE string in Python, so malformed input is caught before pycocotools.
+
+    pycocotools decodes garbage strings without checking run lengths (and can read past its buffer),
+    so every RLE string is checked here first.
+    """
+    out: list[int] = []
+    pos = 0
+    while pos < len(counts):
+        value = 0
+        shift = 0
+        more = True
+        while more:
+            if pos >= len(counts):
+                raise ValueError("RLE counts string ends inside a number")
+            code = ord(counts[pos]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"RLE counts string has an invalid character {counts[pos]!r}")
+            value |= (code & 0x1F) << (5 * shift)
+            more = bool(code & 0x20)
+            pos += 1
+            shift += 1
+            if not more and code & 0x10:
+                value |= -1 << (5 * shift)
+        if len(out) > 2:
+            value += out[-2]
+        out.append(value)
+    return out
+
+
+def to_rle(mask: MaskLike) -> dict[str, Any]:
+    """A validated compressed COCO RLE ({"size": [h, w], "counts": bytes}) for pycocotools."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
+        return dict(mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8)))
+    if not isinstance(mask, Mapping):
+        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
+    size = mask.get("size")
+    counts = mask.get("counts")
+    if (
+        not isinstance(size, list | tuple)
+        or len(size) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in size)
+    ):
+        raise ValueError("RLE 'size' must be [height, width] with non-negative integers")
+    h, w = int(size[0]), int(size[1])
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", errors="replace")
+    if isinstance(counts, str):
+        runs = _rle_string_counts(counts)
+    elif isinstance(counts, list) and all(
+        isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts
+    ):
+        runs = [int(c) for c in counts]
+    else:
+        raise ValueError("RLE 'counts' must be a string or a list of integers")
+    if any(r < 0 for r in runs):
+        raise ValueError("RLE 'counts' has a negative run length")
+    if sum(runs) != h * w:
+        raise ValueError(f"RLE runs cover {sum(runs)} pixels but size {h}x{w} has {h * w}")
+    if isinstance(counts, str):
+        return {"size": [h, w], "counts": counts.encode("ascii")}
+    return dict(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w))
+
+
+def decode_mask(mask: MaskLike) -> np.ndarray:
+    """A 2-D bool array from a numpy mask or a COCO RLE dict (validated first)."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
+        return mask != 0
+    return mask_utils.decode(to_rle(mask)).astype(bool)
+
+
+def _inter_union(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
+    if pred.shape != gt.shape:
+        raise ValueError(f"mask shapes differ: prediction {pred.shape}, ground truth {gt.shape}")
+    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+
+
+def mask_iou(pred: MaskLike | None, gt: MaskLike) -> float:
+    """Intersection over union of two masks; None as prediction is an empty mask.
+
+    Two empty masks give 1.0 (LISA's "no-object target" rule: predicting nothing for nothing is right).
+    """
+    g = decode_mask(gt)
+    p = np.zeros_like(g) if pred is None else decode_mask(pred)
+    inter, union = _inter_union(p, g)
+    return 1.0 if union == 0 else inter / union
+
+
+def segmentation_metrics(
+    predictions: Sequence[MaskLike | None], ground_truths: Sequence[MaskLike], threshold: float = 0.5
+) -> dict[str, float]:
+    """cIoU, gIoU and precision@threshold over a split, as LISA / OMG-LLaVA report referring segmentation.
+
+    cIoU = sum of intersections / sum of unions (0.0 if every union is empty); gIoU = mean of the
+    per-mask IoU with an empty union counting 1.0; precision@t = fraction of masks with IoU >= t.
+    A missing prediction (None) is an empty mask, as for a missing [SEG] token. LISA adds 1e-5 to
+    each per-mask union and 1e-10 to the summed union; we divide exactly (a difference below 1e-5).
+    """
+    if len(predictions) != len(ground_truths):
+        raise ValueError(f"{len(predictions)} predicted masks for {len(ground_truths)} ground truths")
+    inter_sum = union_sum = 0
+    ious: list[float] = []
+    for pred, gt in zip(predictions, ground_truths, strict=True):
+        g = decode_mask(gt)
+        p = np.zeros_like(g) if pred is None else decode_mask(pred)
+        inter, union = _inter_union(p, g)
+        inter_sum += inter
+        union_sum += union
+        ious.append(1.0 if union == 0 else inter / union)
+    n = len(ious)
+    return {
+        "ciou": inter_sum / union_sum if union_sum else 0.0,
+        "giou": float(np.mean(ious)) if n else 0.0,
+        f"precision@{threshold:g}": sum(i >= threshold for i in ious) / n if n else 0.0,
+        "n": n,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Captions: pycocoevalcap (PTBTokenizer + Cider + Meteor, as COCOEvalCap runs them)
+# --------------------------------------------------------------------------------------------------
+
+_SIMPLE_TOKEN = re.compile(r"[^\W_]+")
+_METEOR_LOCK = threading.Lock()
+_meteor_scorer: Any = None
+
+
+def java_available() -> bool:
+    """Whether a `java` executable is on PATH (the PTB tokenizer and METEOR jars need it)."""
+    return shutil.which("java") is not None
+
+
+def simple_tokenize(text: str) -> str:
+    """Pure-Python stand-in for the PTB tokenizer, used only when Java is absent.
+
+    Lower-case and keep runs of letters and digits (Unicode-aware), dropping all punctuation and
+    underscores. It differs from PTB on contractions ("don't" -> "don t", PTB gives "do n't") and
+    brackets (PTB keeps "-lrb-"), so CIDEr computed this way is close to but not the official number.
+    """
+    return " ".join(_SIMPLE_TOKEN.findall(text.lower()))
+
+
+def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """Tokenise like pycocoevalcap's PTBTokenizer.tokenize, in one Java call.
+
+    Same jar, command line (-preserveLines -lowerCase) and punctuation filter as the wrapper, but the
+    input file goes to the system temp dir (not into site-packages) and the jar's chatter on stderr
+    is captured instead of printed.
+    """
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
+    lines = "\n".join(" ".join(t.split("\n")).replace("\r", " ") for t in texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "captions.txt")
+        with open(src, "w", encoding="utf-8") as fh:
+            fh.write(lines)
+        cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", src]
+        proc = subprocess.run(cmd, capture_output=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise subprocess.SubprocessError(proc.stderr.decode("utf-8", errors="replace").strip()[-500:])
+    out = proc.stdout.decode("utf-8", errors="replace").split("\n")
+    drop = set(ptb.PUNCTUATIONS)
+    return [
+        " ".join(w for w in (out[i] if i < len(out) else "").rstrip().split(" ") if w not in drop)
+        for i in range(len(texts))
+    ]
+
+
+def _close_meteor() -> None:
+    global _meteor_scorer
+    with _METEOR_LOCK:
+        _meteor_scorer = None
+
+
+atexit.register(_close_meteor)
+
+
+def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    """Corpus METEOR from one long-lived jar process (starting it costs ~10 s of paraphrase loading)."""
+    global _meteor_scorer
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    with _METEOR_LOCK:
+        if _meteor_scorer is None:
+            _meteor_scorer = Meteor()
+        try:
+            score, _ = _meteor_scorer.compute_score(gts, res)
+        except Exception:
+            _meteor_scorer = None
+            raise
+    return float(score)
+
+
+def _cider(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    from pycocoevalcap.cider.cider import Cider
+
+    if not any(ref.split() for refs in gts.values() for ref in refs):
+        return 0.0
+    score, _ = Cider().compute_score(gts, res)
+    return float(score)
+
+
+def caption_metrics(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], *, meteor: bool = True
+) -> dict[str, Any]:
+    """CIDEr and METEOR of a split the way COCOEvalCap computes them (what LLaVA/GLaMM report).
+
+    Texts go through the PTB tokenizer, then pycocoevalcap's Cider (idf over this split: a split of
+    one sample always scores 0) and Meteor (corpus score of the 1.5 jar). Without Java, METEOR is
+    None with a warning saying so, and CIDEr uses simple_tokenize (reported as "tokenizer": "simple").
+    Returns {"cider", "meteor", "tokenizer", "warnings"}.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    if any(len(refs) == 0 for refs in references):
+        raise ValueError("every sample needs at least one reference caption")
+    warnings: list[str] = []
+    if not predictions:
+        return {"cider": None, "meteor": None, "tokenizer": None, "warnings": ["no samples to score"]}
+    flat = list(predictions) + [r for refs in references for r in refs]
+    have_java = java_available()
+    tokens: list[str] | None = None
+    tokenizer = "ptb"
+    if have_java:
+        try:
+            tokens = _ptb_tokenize(flat)
+        except (OSError, subprocess.SubprocessError) as err:
+            warnings.append(f"PTB tokenizer failed ({err}); CIDEr uses the pure-Python tokenisation")
+    else:
+        warnings.append("Java not found: CIDEr uses a pure-Python tokenisation instead of PTB")
+        if meteor:
+            warnings.append(METEOR_NEEDS_JAVA)
+    if tokens is None:
+        tokenizer = "simple"
+        tokens = [simple_tokenize(t) for t in flat]
+    res = {i: [tokens[i]] for i in range(len(predictions))}
+    gts: dict[int, list[str]] = {}
+    pos = len(predictions)
+    for i, refs in enumerate(references):
+        gts[i] = tokens[pos : pos + len(refs)]
+        pos += len(refs)
+    if len(predictions) == 1:
+        warnings.append("CIDEr's idf needs several samples: with one sample it is 0")
+    result: dict[str, Any] = {"cider": _cider(gts, res), "meteor": None, "tokenizer": tokenizer}
+    if meteor and have_java:
+        clean = {k: [v[0].replace("|||", " ")] for k, v in res.items()}
+        clean_gts = {k: [r.replace("|||", " ") for r in v] for k, v in gts.items()}
+        try:
+            result["meteor"] = _meteor(clean_gts, clean)
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
+            warnings.append(f"METEOR failed: {err}")
+    result["warnings"] = warnings
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Region captioning attributes
+# --------------------------------------------------------------------------------------------------
+
+_ATTR_NUMBERS = {k: v for k, v in _NUMBER_WORDS.items() if k != "none"}
+
+
+def _attr_words(text: str) -> list[str]:
+    return [_ATTR_NUMBERS.get(w, w) for w in _SIMPLE_TOKEN.findall(text.casefold())]
+
+
+def attribute_in_caption(value: str, caption: str) -> bool:
+    """Whether an attribute value appears as whole word(s) in a caption.
+
+    Both are case-folded and split into runs of letters/digits; number words zero..ten become
+    digits; a multi-word value must appear as a contiguous run ("light blue"). "red" is not found in
+    "reddish", and "grey" does not match "gray".
+    """
+    want = _attr_words(value)
+    have = _attr_words(caption)
+    if not want:
+        return False
+    k = len(want)
+    return any(have[i : i + k] == want for i in range(len(have) - k + 1))
+
+
+def attribute_accuracy(
+    captions: Sequence[str | None], attributes: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Per-attribute and mean accuracy of region captions that must mention the region's attributes.
+
+    For attribute k a caption is correct if attribute_in_caption(value_k, caption). Each attribute is
+    averaged over the samples that have it (None or empty values are skipped); "mean" is the
+    unweighted mean over attributes. A missing caption (None) is wrong for every attribute.
+    Returns {"per_attribute": {k: acc}, "n": {k: count}, "mean": float | None}.
+    """
+    if len(captions) != len(attributes):
+        raise ValueError(f"{len(captions)} captions for {len(attributes)} attribute sets")
+    correct: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for caption, attrs in zip(captions, attributes, strict=True):
+        for key, value in attrs.items():
+            if value is None or not _attr_words(str(value)):
+                continue
+            total[key] = total.get(key, 0) + 1
+            hit = caption is not None and attribute_in_caption(str(value), caption)
+            correct[key] = correct.get(key, 0) + int(hit)
+    per = {k: correct[k] / total[k] for k in total}
+    return {"per_attribute": per, "n": dict(total), "mean": float(np.mean(list(per.values()))) if per else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Grounded conversation generation (GLaMM eval/gcg/evaluate.py, infer.py)
+# --------------------------------------------------------------------------------------------------
+
+_TAG = re.compile(r"<.*?>")
+_PHRASE = re.compile(r"<p>(.*?)</p>")
+
+
+def strip_gcg_markup(text: str) -> str:
+    """Plain caption from a grounded answer, as GLaMM's inference script cleans it for caption metrics.
+
+    Newlines become spaces, every <...> tag and every [SEG] token is removed, whitespace is
+    collapsed and quotes (') and spaces are stripped from the ends.
+    """
+    cleaned = _TAG.sub("", text.replace("\n", " ")).replace("[SEG]", "")
+    return " ".join(cleaned.split()).strip("'").strip()
+
+
+def extract_gcg_phrases(text: str) -> list[str]:
+    """The grounded phrases of a GCG answer: the stripped contents of each <p>...</p>, in order."""
+    return [p.strip() for p in _PHRASE.findall(text.replace("\n", " "))]
+
+
+def _iou_matrix(rows: Sequence[MaskLike], cols: Sequence[MaskLike]) -> np.ndarray:
+    """IoU of every row mask with every column mask; an empty union gives 0 (GLaMM gets NaN, never paired)."""
+    a = [decode_mask(m) for m in rows]
+    b = [decode_mask(m) for m in cols]
+    out = np.zeros((len(a), len(b)))
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            inter, union = _inter_union(x, y)
+            out[i, j] = inter / union if union else 0.0
+    return out
+
+
+def greedy_iou_pairs(pred_masks: Sequence[MaskLike], gt_masks: Sequence[MaskLike]) -> list[float]:
+    """IoUs of GLaMM's one-to-one pairing: repeatedly take the largest remaining IoU (> 0) pair."""
+    ious = _iou_matrix(pred_masks, gt_masks)
+    paired: list[float] = []
+    while ious.size and ious.max() > 0:
+        i, j = np.unravel_index(np.argmax(ious), ious.shape)
+        paired.append(float(ious[i, j]))
+        ious = np.delete(np.delete(ious, i, axis=0), j, axis=1)
+    return paired
+
+
+def gcg_miou(
+    pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequence[MaskLike]], *, per_gt: bool = False
+) -> float:
+    """GCG mask mIoU: the mean over images of the mean IoU of greedy_iou_pairs.
+
+    Official GLaMM rule (per_gt=False): the per-image mean is over the matched pairs only, and an
+    image with no pair (no prediction, or nothing overlapping) scores 0.0; unmatched ground-truth
+    masks do not lower it. per_gt=True is the stricter variant: the sum of paired IoUs divided by the
+    number of ground-truth masks, so each unmatched ground-truth mask counts 0 (an image without
+    ground-truth masks scores 1.0 if it also has no predicted mask, else 0.0).
+    """
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError(f"{len(pred_masks)} predicted images for {len(gt_masks)} ground-truth images")
+    scores: list[float] = []
+    for preds, gts in zip(pred_masks, gt_masks, strict=True):
+        paired = greedy_iou_pairs(preds, gts)
+        if per_gt:
+            scores.append(sum(paired) / len(gts) if gts else float(not preds))
+        else:
+            scores.append(float(np.mean(paired)) if paired else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _phrase_words(text: str) -> list[str]:
+    return [w for w in _SIMPLE_TOKEN.findall(text.casefold()) if w not in _ARTICLES]
+
+
+def phrase_similarity(a: str, b: str) -> float:
+    """Token-level F1 of two phrases (case-folded words, articles dropped): our offline stand-in.
+
+    GLaMM compares phrases by cosine similarity of mean-pooled bert-base-uncased embeddings; with no
+    embedding model offline we use SQuAD-style token F1 instead (both empty -> 1.0, one empty -> 0.0).
+    It is stricter than BERT cosine, which is rarely below 0.5 for any two English phrases.
+    """
+    x, y = _phrase_words(a), _phrase_words(b)
+    if not x or not y:
+        return float(not x and not y)
+    common = 0
+    pool = list(y)
+    for w in x:
+        if w in pool:
+            pool.remove(w)
+            common += 1
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(x), common / len(y)
+    return 2 * precision * recall / (precision + recall)
+
+
+def gcg_recall(
+    pred_masks: Sequence[Sequence[MaskLike]],
+    pred_phrases: Sequence[Sequence[str]],
+    gt_masks: Sequence[Sequence[MaskLike]],
+    gt_phrases: Sequence[Sequence[str]],
+    *,
+    iou_threshold: float = 0.5,
+    similarity_threshold: float = 0.5,
+) -> float:
+    """GCG recall: matched ground-truth (phrase, mask) pairs / all ground-truth phrases.
+
+    Per image, as GLaMM's find_best_matches: take the ground-truth/prediction pair with the largest
+    remaining mask IoU; if its IoU < iou_threshold or its phrase_similarity < similarity_threshold,
+    stop matching in that image (GLaMM breaks rather than trying the next pair); else count it and
+    remove its row and column. Phrase i goes with mask i on both sides; a predicted mask without a
+    phrase has similarity 0.
+    """
+    sizes = {len(pred_masks), len(pred_phrases), len(gt_masks), len(gt_phrases)}
+    if len(sizes) != 1:
+        raise ValueError("gcg_recall needs one entry per image in every argument")
+    matched = positives = 0
+    for pm, pp, gm, gp in zip(pred_masks, pred_phrases, gt_masks, gt_phrases, strict=True):
+        positives += len(gp)
+        ious = _iou_matrix(gm, pm)
+        sims = np.zeros_like(ious)
+        for i in range(min(len(gp), ious.shape[0])):
+            for j in range(min(len(pp), ious.shape[1])):
+                sims[i, j] = phrase_similarity(gp[i], pp[j])
+        while ious.size:
+            i, j = np.unravel_index(np.argmax(ious), ious.shape)
+            if ious[i, j] < iou_threshold or sims[i, j] < similarity_threshold:
+                break
+            matched += 1
+            ious[i, :] = 0
+            ious[:, j] = 0
+            sims[i, :] = 0
+            sims[:, j] = 0
+    return matched / positives if positives else 0.0
+
+
+def gcg_ap50(pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequence[MaskLike]]) -> float | None:
+    """Mask AP at IoU 0.5 by pycocotools COCOeval ("segm"), one class, every prediction scored 1.0.
+
+    This is GLaMM's AP50 (stats[1] of COCOeval.summarize, maxDets 100). Images are the list indices;
+    images without predictions still count their ground truths. None if there is no ground-truth
+    mask at all; 0.0 if there are ground truths but no predicted mask.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError(f"{len(pred_masks)} predicted images for {len(gt_masks)} ground-truth images")
+    images: list[dict[str, Any]] = []
+    gt_anns: list[dict[str, Any]] = []
+    dt_anns: list[dict[str, Any]] = []
+    for image_id, (preds, gts) in enumerate(zip(pred_masks, gt_masks, strict=True), start=1):
+        rles = [to_rle(m) for m in gts]
+        size = rles[0]["size"] if rles else None
+        images.append({"id": image_id, "height": size[0] if size else 0, "width": size[1] if size else 0})
+        for rle in rles:
+            gt_anns.append({
+                "id": len(gt_anns) + 1, "image_id": image_id, "category_id": 1, "segmentation": rle,
+                "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0,
+            })
+        for m in preds:
+            dt_anns.append({"image_id": image_id, "category_id": 1, "segmentation": to_rle(m), "score": 1.0})
+    if not gt_anns:
+        return None
+    if not dt_anns:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "annotations": gt_anns, "categories": [{"id": 1, "name": "object"}]}
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dt_anns)
+        evaluator = COCOeval(coco_gt, coco_dt, "segm")
+        evaluator.params.catIds = [1]
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return float(evaluator.stats[1])

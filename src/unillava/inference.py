@@ -1,0 +1,235 @@
+"""Inference: `unillava.load(path)` gives an `InferenceModel` with batched `generate` and streaming `chat`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from unillava.conversation import ImageSlot, Message, user_message
+from unillava.data.images import load_image
+from unillava.errors import UnillavaError
+from unillava.modeling import LlavaModel
+from unillava.processor import Processor
+
+ImageInput = str | Path | Image.Image
+
+
+def _as_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    return load_image(image)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def generate_kwargs(self, processor: Processor) -> dict[str, Any]:
+        if self.max_new_tokens < 1:
+            raise UnillavaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UnillavaError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UnillavaError(f"top_p must be in (0, 1], got {self.top_p}")
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": processor.stop_token_ids,
+            "pad_token_id": processor.tokenizer.pad_token_id,
+        }
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.stop:
+            kwargs.update(stop_strings=list(self.stop), tokenizer=processor.tokenizer)
+        return kwargs
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def messages_from_openai(messages: Sequence[dict[str, Any]]) -> tuple[list[Message], list[Any]]:
+    """OpenAI-style messages (content a string or a list of text / image parts) -> our messages.
+
+    Image parts carry the image itself under `image` (a PIL image or a path); the server decodes
+    `image_url` parts into that before calling here.
+    """
+    out: list[Message] = []
+    images: list[Any] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise UnillavaError(f"messages[{i}].role must be system, user or assistant, got {role!r}")
+        content = message.get("content")
+        parts: list[str | ImageSlot] = []
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    parts.append(str(part.get("text", "")))
+                elif kind in ("image", "image_url"):
+                    if "image" not in part:
+                        raise UnillavaError(f"messages[{i}].content[{j}]: image part without decoded image")
+                    parts.append(ImageSlot())
+                    images.append(part["image"])
+                else:
+                    raise UnillavaError(f"messages[{i}].content[{j}].type must be text or image, got {kind!r}")
+        else:
+            raise UnillavaError(f"messages[{i}].content must be a string or a list of parts")
+        out.append(Message(role, parts))
+    return out, images
+
+
+class InferenceModel:
+    """A loaded model with its processor; all inputs are validated before the model runs."""
+
+    def __init__(self, model: LlavaModel, processor: Processor | None = None):
+        self.model = model.eval()
+        self.processor = processor or Processor.for_model(model)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _autocast(self):
+        enabled = self.model.dtype == torch.bfloat16
+        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _run(self, conversations: list[list[Message]], images: list[list[Image.Image]], settings, streamer=None):
+        batch, _ = self.processor.prompt_batch(conversations, images)
+        batch = batch.to(self.model.device)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with torch.inference_mode(), self._autocast():
+            return self.model.generate(
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                images=batch.images,
+                streamer=streamer,
+                **settings.generate_kwargs(self.processor),
+            )
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        batch_size: int = 8,
+        **settings: Any,
+    ) -> str | list[str]:
+        """Answer one prompt or a batch (left-padded, `batch_size` at a time).
+
+        `images` for one prompt: an image or a list of images; for a batch: one entry (image, list,
+        or None) per prompt. Prompt text is literal: "<image>" typed in it stays text.
+        """
+        single = isinstance(prompts, str)
+        prompt_list = [prompts] if single else list(prompts)
+        if single:
+            per_prompt = [_image_list(images)]
+        elif images is None:
+            per_prompt = [[] for _ in prompt_list]
+        else:
+            if len(images) != len(prompt_list):  # type: ignore[arg-type]
+                raise UnillavaError(f"{len(prompt_list)} prompts but {len(images)} image entries")  # type: ignore[arg-type]
+            per_prompt = [_image_list(entry) for entry in images]  # type: ignore[union-attr]
+        gen = GenerationSettings(**settings)
+        loaded = [[_as_image(im) for im in entry] for entry in per_prompt]
+        outputs: list[str] = []
+        for start in range(0, len(prompt_list), batch_size):
+            chunk = slice(start, start + batch_size)
+            conversations = [[user_message(p, len(ims))] for p, ims in zip(prompt_list[chunk], loaded[chunk], strict=True)]
+            new_ids = self._run(conversations, loaded[chunk], gen)
+            for row in new_ids:
+                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                outputs.append(_cut_at_stop(text, gen.stop).strip())
+        return outputs[0] if single else outputs
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | list[Message],
+        images: Sequence[ImageInput] | None = None,
+        *,
+        stream: bool = False,
+        **settings: Any,
+    ) -> str | Iterator[str]:
+        """One assistant reply to a multi-turn conversation; with `stream=True`, an iterator of text pieces.
+
+        `messages` are OpenAI-style dicts or our `Message`s; images fill the image slots in order.
+        """
+        if messages and isinstance(messages[0], Message):
+            conversation = list(messages)  # type: ignore[arg-type]
+            image_list = [_as_image(im) for im in (images or [])]
+        else:
+            conversation, embedded = messages_from_openai(messages)  # type: ignore[arg-type]
+            image_list = [_as_image(im) for im in [*embedded, *(images or [])]]
+        if not conversation or conversation[-1].role != "user":
+            raise UnillavaError("the last message must be from the user")
+        slots = sum(m.num_images for m in conversation)
+        if slots != len(image_list):
+            raise UnillavaError(f"the messages have {slots} image slot(s) but {len(image_list)} image(s) were given")
+        gen = GenerationSettings(**settings)
+        if not stream:
+            row = self._run([conversation], [image_list], gen)[0]
+            return _cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), gen.stop).strip()
+        return self._stream(conversation, image_list, gen)
+
+    def _stream(self, conversation: list[Message], images: list[Image.Image], gen: GenerationSettings) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._run([conversation], [images], gen, streamer=streamer)
+            except BaseException as err:  # re-raised in the consumer's thread
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        emitted = ""
+        for piece in streamer:
+            if gen.stop:
+                candidate = _cut_at_stop(emitted + piece, gen.stop)
+                if len(candidate) < len(emitted + piece):
+                    yield candidate[len(emitted) :]
+                    break
+            emitted += piece
+            yield piece
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _image_list(entry: Any) -> list[ImageInput]:
+    if entry is None:
+        return []
+    if isinstance(entry, (str, Path, Image.Image)):
+        return [entry]
+    return list(entry)
+
+
+def load(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu") -> InferenceModel:
+    """Load any supported layout (ours, llava-hf, original LLaVA) for inference."""
+    from unillava.hub import load_model
+
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UnillavaError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    model = load_model(path, dtype=dtype)
+    return InferenceModel(model.to(device))
