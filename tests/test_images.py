@@ -81,7 +81,11 @@ def test_palette_without_transparency(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "colour", "expected"),
-    [("RGBA", (0, 0, 0, 0), (255, 255, 255)), ("RGBA", (0, 0, 0, 255), (0, 0, 0)), ("LA", (0, 0), (255, 255, 255))],
+    [
+        ("RGBA", (0, 0, 0, 0), (255, 255, 255)),
+        ("RGBA", (0, 0, 0, 255), (0, 0, 0)),
+        ("LA", (0, 0), (255, 255, 255)),
+    ],
 )
 def test_alpha_composites_on_white(tmp_path: Path, mode: str, colour: tuple, expected: tuple) -> None:
     img = load_image(_save(tmp_path / "a.png", Image.new(mode, (4, 4), colour), "PNG"))

@@ -118,8 +118,8 @@ def test_multi_image_text_only_system_and_int_id() -> None:
             "conversations[1].from: turns must alternate user/assistant; expected assistant",
         ),
         (
-            _record(conversations=[_turn("human", "<image>"), _turn("system", "x")]),
-            "conversations[1].from: a system turn is only allowed first",
+            _record(conversations=[_turn("human", "<image>"), _turn("gpt", "x"), _turn("system", "x")]),
+            "conversations[2].from: a system turn is only allowed first",
         ),
         (
             _record(conversations=[_turn("human", "<image>"), _turn("gpt", "  \n")]),
@@ -138,7 +138,7 @@ def test_multi_image_text_only_system_and_int_id() -> None:
         (_record(id=[1]), "field 'id' must be a string or integer, got array"),
         (
             _record(conversations=[_turn("human", "<image>\nQ"), _turn("gpt", "see <image>")]),
-            "conversations[1].value: '<image>' marker in a assistant turn (only user turns",
+            "conversations[1].value: '<image>' marker in a turn from the assistant; only user turns hold images",
         ),
         (
             _record(conversations=[_turn("human", " "), _turn("gpt", "a")], image=None),
@@ -173,15 +173,21 @@ def test_jsonl_is_lazy_and_a_bad_line_only_fails_when_read(tmp_path: Path) -> No
 
 def test_jsonl_blank_lines_keep_line_numbers(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
+    bad = _record(id="c", image=None)
     path.write_text(
-        "\n" + json.dumps(_record(id="a")) + "\n\n   \n" + json.dumps(_record(id="b", image=None)) + "\r\n"
+        "\n"
+        + json.dumps(_record(id="a"))
+        + "\n\n   \n"
+        + json.dumps(_record(id="b"))
+        + "\r\n\n"
+        + json.dumps(bad)
     )
     data = ConversationFile(path)
-    assert len(data) == 2
-    assert [s.source for s in data] == [f"{path}:2", f"{path}:5"]
-    with pytest.raises(DataError, match=r"t\.jsonl:5: field 'image': 0 image"):
-        ConversationFile(path)[1].messages  # noqa: B018
-    assert [s for s, _ in data.iter_raw()] == [f"{path}:2", f"{path}:5"]
+    assert len(data) == 3
+    assert [data[i].source for i in (0, 1)] == [f"{path}:2", f"{path}:5"]
+    with pytest.raises(DataError, match=r"t\.jsonl:7: field 'image': 0 image"):
+        data[2]
+    assert [s for s, _ in data.iter_raw()] == [f"{path}:2", f"{path}:5", f"{path}:7"]
 
 
 def test_jsonl_with_bom_and_unicode_line_separator(tmp_path: Path) -> None:

@@ -147,17 +147,33 @@ class InferenceModel:
             if len(images) != len(prompt_list):  # type: ignore[arg-type]
                 raise UnillavaError(f"{len(prompt_list)} prompts but {len(images)} image entries")  # type: ignore[arg-type]
             per_prompt = [_image_list(entry) for entry in images]  # type: ignore[union-attr]
-        gen = GenerationSettings(**settings)
         loaded = [[_as_image(im) for im in entry] for entry in per_prompt]
+        conversations = [[user_message(p, len(ims))] for p, ims in zip(prompt_list, loaded, strict=True)]
+        outputs = self.generate_conversations(conversations, loaded, batch_size=batch_size, **settings)
+        return outputs[0] if single else outputs
+
+    def generate_conversations(
+        self,
+        conversations: Sequence[list[Message]],
+        images: Sequence[Sequence[ImageInput]],
+        *,
+        batch_size: int = 8,
+        progress: Any = None,
+        **settings: Any,
+    ) -> list[str]:
+        """Answer many conversations, `batch_size` at a time; `progress` (a tqdm bar) is advanced per sample."""
+        gen = GenerationSettings(**settings)
         outputs: list[str] = []
-        for start in range(0, len(prompt_list), batch_size):
+        for start in range(0, len(conversations), batch_size):
             chunk = slice(start, start + batch_size)
-            conversations = [[user_message(p, len(ims))] for p, ims in zip(prompt_list[chunk], loaded[chunk], strict=True)]
-            new_ids = self._run(conversations, loaded[chunk], gen)
+            chunk_images = [[_as_image(im) for im in entry] for entry in images[chunk]]
+            new_ids = self._run(list(conversations[chunk]), chunk_images, gen)
             for row in new_ids:
                 text = self.tokenizer.decode(row, skip_special_tokens=True)
                 outputs.append(_cut_at_stop(text, gen.stop).strip())
-        return outputs[0] if single else outputs
+            if progress is not None:
+                progress.update(len(chunk_images))
+        return outputs
 
     def chat(
         self,

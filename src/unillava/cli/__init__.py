@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "score_cmd",
     "generate_cmd",
     "validate_cmd",
+    "eval_cmd",
 ]
 
 

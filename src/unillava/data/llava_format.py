@@ -135,7 +135,10 @@ def parse_record(record: Any, *, source: str) -> Sample:
     markers = [value.count(IMAGE_MARKER) for value in values]
     for i, (role, count) in enumerate(zip(roles, markers, strict=True)):
         if count and role != "user":
-            raise RecordError(source, f"conversations[{i}].value: '{IMAGE_MARKER}' marker in a {role} turn (only user turns hold images)")
+            raise RecordError(
+                source,
+                f"conversations[{i}].value: '{IMAGE_MARKER}' marker in a turn from the {role}; only user turns hold images",
+            )
     first_user = roles.index("user")
     if len(images) == 1 and sum(markers) == 0:
         values[first_user] = f"{IMAGE_MARKER}\n{values[first_user]}"

@@ -286,14 +286,8 @@ def _rle_string_counts(counts: str) -> list[int]:
     return out
 
 
-def to_rle(mask: MaskLike) -> dict[str, Any]:
-    """A validated compressed COCO RLE ({"size": [h, w], "counts": bytes}) for pycocotools."""
-    if isinstance(mask, np.ndarray):
-        if mask.ndim != 2:
-            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
-        return dict(mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8)))
-    if not isinstance(mask, Mapping):
-        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
+def _rle_runs(mask: Mapping[str, Any]) -> tuple[int, int, list[int], bool]:
+    """(height, width, run lengths, counts-was-a-string) of a validated RLE dict; ValueError if malformed."""
     size = mask.get("size")
     counts = mask.get("counts")
     if (
@@ -317,18 +311,35 @@ def to_rle(mask: MaskLike) -> dict[str, Any]:
         raise ValueError("RLE 'counts' has a negative run length")
     if sum(runs) != h * w:
         raise ValueError(f"RLE runs cover {sum(runs)} pixels but size {h}x{w} has {h * w}")
-    if isinstance(counts, str):
-        return {"size": [h, w], "counts": counts.encode("ascii")}
+    return h, w, runs, isinstance(counts, str)
+
+
+def to_rle(mask: MaskLike) -> dict[str, Any]:
+    """A validated compressed COCO RLE ({"size": [h, w], "counts": bytes}) for pycocotools."""
+    if isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
+        return dict(mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8)))
+    if not isinstance(mask, Mapping):
+        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
+    h, w, runs, compressed = _rle_runs(mask)
+    if compressed:
+        counts = mask["counts"]
+        return {"size": [h, w], "counts": counts if isinstance(counts, bytes) else counts.encode("ascii")}
     return dict(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w))
 
 
 def decode_mask(mask: MaskLike) -> np.ndarray:
-    """A 2-D bool array from a numpy mask or a COCO RLE dict (validated first)."""
+    """A 2-D bool array from a numpy mask or a COCO RLE dict (validated, decoded column-major as COCO does)."""
     if isinstance(mask, np.ndarray):
         if mask.ndim != 2:
             raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
         return mask != 0
-    return mask_utils.decode(to_rle(mask)).astype(bool)
+    if not isinstance(mask, Mapping):
+        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
+    h, w, runs, _ = _rle_runs(mask)
+    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+    return flat.reshape(w, h).T
 
 
 def _inter_union(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:

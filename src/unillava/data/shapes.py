@@ -1,0 +1,810 @@
+"""Procedural "shapes" scenes: rendering, ground truth and the dataset writer.
+
+A scene is a background plus 1-10 antialiased shapes with a colour, a size class, an optional
+character and a z-order. Ground truth is exact because we draw it: every object carries the mask of
+its *visible* pixels (after occlusion), so masks of one scene never overlap and every object in the
+ground truth can actually be seen. Task files (VQA, referring segmentation, ...) are built from the
+scene dicts by :mod:`unillava.data.shape_tasks`.
+
+Everything random is drawn from a generator seeded by (split seed, scene index), so a scene does not
+depend on which worker rendered it or on how many scenes came before it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
+from unillava.errors import DataError
+
+GENERATOR_VERSION = "1.0.0"
+
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "hexagon",
+    "ellipse",
+    "cross",
+    "heart",
+    "pentagon",
+    "diamond",
+)
+# Non-uniform on purpose: POPE "popular" negatives need some shapes/colours to be more frequent.
+SHAPE_WEIGHTS: tuple[float, ...] = (1.6, 1.5, 1.4, 1.2, 1.0, 0.9, 0.8, 0.8, 0.7, 0.7)
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 25, 28),
+    "orange": (245, 130, 20),
+    "yellow": (250, 215, 30),
+    "green": (40, 160, 60),
+    "cyan": (30, 200, 220),
+    "blue": (35, 70, 210),
+    "purple": (130, 50, 170),
+    "pink": (245, 120, 190),
+    "brown": (125, 75, 35),
+    "white": (248, 248, 248),
+    "gray": (128, 128, 128),
+    "black": (20, 20, 20),
+}
+COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+COLOR_WEIGHTS: tuple[float, ...] = (1.5, 1.0, 1.2, 1.5, 0.9, 1.5, 1.0, 0.8, 0.7, 0.9, 0.8, 0.9)
+
+# Polygon vertices; round shapes have none. Hearts count their tip and cusp.
+CORNERS: dict[str, int] = {
+    "circle": 0,
+    "ellipse": 0,
+    "heart": 2,
+    "triangle": 3,
+    "square": 4,
+    "diamond": 4,
+    "pentagon": 5,
+    "hexagon": 6,
+    "star": 10,
+    "cross": 12,
+}
+
+SIZE_CLASSES: tuple[str, ...] = ("small", "medium", "large")
+# Extent (unrotated bounding-box side) as a fraction of the image's shorter side, and a pixel floor.
+# The gaps between classes keep "small/medium/large" unambiguous.
+SIZE_RANGES: dict[str, tuple[float, float, int]] = {
+    "small": (0.06, 0.10, 10),
+    "medium": (0.14, 0.20, 20),
+    "large": (0.26, 0.36, 32),
+}
+
+# No I/O/0/1: they are too easy to confuse at a few pixels.
+TEXT_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+FINE_TEXT_MAX_FONT = 10
+MIN_VISIBLE_PIXELS = 12
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """Knobs that one difficulty level turns."""
+
+    n_objects: tuple[int, int]
+    min_visible: float  # fraction of an object's own area that must stay visible; 1.0 = no occlusion
+    background_weights: tuple[float, float, float]  # flat, gradient, noise
+    text_prob: float
+    text_scale: tuple[float, float]  # font size as a fraction of the largest that fits in the shape
+    min_font: int
+    grain: int  # amplitude of per-pixel noise on noise backgrounds
+
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    "easy": Difficulty((1, 4), 1.0, (0.6, 0.4, 0.0), 0.3, (0.75, 1.0), 10, 0),
+    "medium": Difficulty((1, 7), 0.6, (0.4, 0.35, 0.25), 0.4, (0.45, 1.0), 7, 0),
+    "hard": Difficulty((2, 10), 0.35, (0.2, 0.3, 0.5), 0.5, (0.25, 1.0), 5, 10),
+}
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """What a scene may look like: image size limits, difficulty, and the "fine" (large image,
+    small objects, tiny text) profile used by the fine_text / fine_count tasks."""
+
+    min_size: int = 128
+    max_size: int = 1536
+    aspect_range: tuple[float, float] = (0.5, 2.0)
+    difficulty: str = "medium"
+    fine: bool = False
+
+    def validate(self) -> SceneSpec:
+        """Raise DataError naming the bad field; return self so calls chain."""
+        if self.difficulty not in DIFFICULTIES:
+            raise DataError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
+        if not 32 <= self.min_size <= 8192 or not 32 <= self.max_size <= 8192:
+            raise DataError(f"image sizes must be within 32..8192 px, got min {self.min_size}, max {self.max_size}")
+        if self.min_size > self.max_size:
+            raise DataError(f"min-size ({self.min_size}) is larger than max-size ({self.max_size})")
+        lo, hi = self.aspect_range
+        if not (lo > 0 and hi > 0 and lo <= hi):
+            raise DataError(f"aspect range must be two positive numbers lo,hi with lo <= hi, got {lo},{hi}")
+        if _aspect_bounds(self) is None:
+            raise DataError(
+                f"no aspect ratio in {lo},{hi} fits both sides within {self.min_size}..{self.max_size} px"
+            )
+        return self
+
+
+def _aspect_bounds(spec: SceneSpec) -> tuple[float, float] | None:
+    """Aspect ratios (w/h) for which both sides can lie within [min_size, max_size]."""
+    lo = max(spec.aspect_range[0], spec.min_size / spec.max_size)
+    hi = min(spec.aspect_range[1], spec.max_size / spec.min_size)
+    return (lo, hi) if lo <= hi + 1e-12 else None
+
+
+def _image_size(rng: np.random.Generator, spec: SceneSpec) -> tuple[int, int]:
+    """Both sides in [min_size, max_size], w/h in the aspect range (log-uniform)."""
+    bounds = _aspect_bounds(spec)
+    assert bounds is not None
+    lo, hi = bounds
+    aspect = math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+    factor = max(aspect, 1.0 / aspect)
+    long_min = min(spec.max_size, math.ceil(spec.min_size * factor - 1e-9))
+    if spec.fine:
+        long_min = max(long_min, min(spec.max_size, int(0.75 * spec.max_size)))
+    long_side = int(rng.integers(long_min, spec.max_size + 1))
+    short_side = min(spec.max_size, max(spec.min_size, round(long_side / factor)))
+    return (long_side, short_side) if aspect >= 1.0 else (short_side, long_side)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape geometry
+
+
+def _regular(n: int, start_deg: float, radii: Sequence[float] = (1.0,)) -> np.ndarray:
+    angles = np.deg2rad(start_deg + np.arange(n) * 360.0 / n)
+    r = np.resize(np.asarray(radii, dtype=np.float64), n)
+    return np.stack([r * np.cos(angles), r * np.sin(angles)], axis=1)
+
+
+def _normalise(points: np.ndarray) -> np.ndarray:
+    """Centre the bounding box on the origin and scale its longer side to 2."""
+    lo, hi = points.min(0), points.max(0)
+    return (points - (lo + hi) / 2.0) * (2.0 / float((hi - lo).max()))
+
+
+@lru_cache(maxsize=None)
+def _unit_polygon(shape: str) -> np.ndarray:
+    """Vertices of the unrotated shape in [-1, 1]^2 (y down); ellipses are squashed later."""
+    if shape in ("circle", "ellipse"):
+        pts = _regular(96, 0.0)
+    elif shape == "square":
+        pts = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    elif shape == "diamond":
+        pts = np.array([[0.0, -1.0], [0.7, 0.0], [0.0, 1.0], [-0.7, 0.0]])
+    elif shape == "triangle":
+        pts = _regular(3, -90.0)
+    elif shape == "pentagon":
+        pts = _regular(5, -90.0)
+    elif shape == "hexagon":
+        pts = _regular(6, 0.0)
+    elif shape == "star":
+        pts = _regular(10, -90.0, (1.0, 0.42))
+    elif shape == "cross":
+        t = 0.34
+        pts = np.array(
+            [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]],
+            dtype=np.float64,
+        )
+    elif shape == "heart":
+        tt = np.linspace(0.0, 2.0 * np.pi, 72, endpoint=False)
+        pts = np.stack(
+            [16 * np.sin(tt) ** 3, -(13 * np.cos(tt) - 5 * np.cos(2 * tt) - 2 * np.cos(3 * tt) - np.cos(4 * tt))],
+            axis=1,
+        )
+    else:
+        raise DataError(f"unknown shape {shape!r}")
+    return _normalise(pts)
+
+
+def _inside(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Even-odd point-in-polygon test for many points at once."""
+    x, y = points[:, :1], points[:, 1:]
+    x1, y1 = poly[:, 0][None], poly[:, 1][None]
+    x2, y2 = np.roll(poly[:, 0], -1)[None], np.roll(poly[:, 1], -1)[None]
+    crosses = (y1 > y) != (y2 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xint = (x2 - x1) * (y - y1) / (y2 - y1) + x1
+    return ((crosses & (x < xint)).sum(1) % 2) == 1
+
+
+def _edge_distance(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Distance from each point to the polygon outline."""
+    a = poly[None]
+    b = np.roll(poly, -1, axis=0)[None]
+    p = points[:, None]
+    ab = b - a
+    t = np.clip(((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0.0, 1.0)
+    closest = a + t[..., None] * ab
+    return np.sqrt(((p - closest) ** 2).sum(-1)).min(1)
+
+
+def _pole(poly: np.ndarray) -> tuple[np.ndarray, float]:
+    """A point deep inside the polygon (where its text goes) and its distance to the outline."""
+    lo, hi = poly.min(0), poly.max(0)
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 13), np.linspace(lo[1], hi[1], 13))
+    cands = np.concatenate([poly.mean(0, keepdims=True), np.stack([gx.ravel(), gy.ravel()], 1)])
+    dist = np.where(_inside(cands, poly), _edge_distance(cands, poly), -1.0)
+    # Prefer the vertex mean on near-ties so symmetric shapes keep their text centred.
+    best = int(np.argmax(dist - 1e-3 * np.linalg.norm(cands - cands[0], axis=1)))
+    return cands[best], float(dist[best])
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's embedded scalable font (Aileron); no font file to ship or install."""
+    return ImageFont.load_default(size=size)
+
+
+def _fits(ch: str, size: int, half: float) -> bool:
+    left, top, right, bottom = _font(size).getbbox(ch, anchor="mm")
+    return right - left <= 2 * half and bottom - top <= 2 * half
+
+
+def _largest_font(ch: str, half: float) -> int:
+    size = int(2 * half / 0.7) + 1
+    while size >= 4 and not _fits(ch, size, half):
+        size -= 1
+    return size
+
+
+@dataclass
+class _Sprite:
+    """One object rasterised at bbox-local size, before it is placed."""
+
+    shape: str
+    color: str
+    size: str
+    extent: int
+    coverage: Image.Image  # antialiased alpha, mode "L"
+    own: np.ndarray  # coverage >= 50%
+    anchor: tuple[float, float]  # local pixel coordinates of the text/centre point
+    inner_half: float
+    text: str | None = None
+    text_size: int | None = None
+    text_box: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # relative to the anchor
+
+
+def _make_sprite(rng: np.random.Generator, shape: str, color: str, size: str, extent: int) -> _Sprite:
+    """Rasterise one shape with supersampling; masks come from the same coverage as the pixels."""
+    poly = _unit_polygon(shape).copy()
+    if shape == "ellipse":
+        poly[:, 1] *= rng.uniform(0.5, 0.65)
+        theta = rng.uniform(0.0, 180.0)
+    elif shape in ("star", "hexagon"):
+        theta = rng.uniform(0.0, 360.0)
+    elif shape == "circle":
+        theta = 0.0
+    else:
+        theta = rng.uniform(-10.0, 10.0)
+    c, s = math.cos(math.radians(theta)), math.sin(math.radians(theta))
+    poly = poly @ np.array([[c, s], [-s, c]]) * (extent / 2.0)
+    lo, hi = poly.min(0), poly.max(0)
+    w, h = int(math.ceil(hi[0] - lo[0])) + 2, int(math.ceil(hi[1] - lo[1])) + 2
+    local = poly - lo + 1.0
+    ss = 4 if max(w, h) < 48 else 3 if max(w, h) < 160 else 2
+    canvas = Image.new("L", (w * ss, h * ss), 0)
+    ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in local * ss - 0.5], fill=255)
+    coverage = canvas.reduce(ss)
+    own = np.asarray(coverage) >= 128
+    anchor, inradius = _pole(local)
+    return _Sprite(
+        shape=shape,
+        color=color,
+        size=size,
+        extent=extent,
+        coverage=coverage,
+        own=own,
+        anchor=(float(anchor[0]), float(anchor[1])),
+        inner_half=0.7 * inradius,
+    )
+
+
+def _add_text(rng: np.random.Generator, sprite: _Sprite, diff: Difficulty, fine: bool) -> None:
+    ch = TEXT_CHARS[int(rng.integers(len(TEXT_CHARS)))]
+    fit = _largest_font(ch, sprite.inner_half)
+    if fine:
+        size = int(rng.integers(5, FINE_TEXT_MAX_FONT))
+    else:
+        size = int(round(fit * rng.uniform(*diff.text_scale)))
+        size = max(size, diff.min_font)
+    if size > fit or size < 5:
+        return
+    sprite.text, sprite.text_size = ch, size
+    sprite.text_box = tuple(float(v) for v in _font(size).getbbox(ch, anchor="mm"))  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backgrounds
+
+
+def _color_dist(a: Sequence[float], b: Sequence[float]) -> float:
+    return math.dist(a, b)
+
+
+def _pick_background_color(rng: np.random.Generator, present: list[tuple[int, int, int]]) -> list[int]:
+    """A colour far from the scene's objects and not too close to any named colour, so it is never
+    mistaken for an object and "Is there a yellow ..." never depends on the backdrop."""
+    named = list(COLORS.values())
+    best, best_score = None, -1.0
+    for _ in range(200):
+        cand = [int(v) for v in rng.integers(0, 256, 3)]
+        d_present = min((_color_dist(cand, p) for p in present), default=999.0)
+        d_named = min(_color_dist(cand, p) for p in named)
+        if d_present >= 110 and d_named >= 55:
+            return cand
+        score = min(d_present / 110, d_named / 55)
+        if score > best_score:
+            best, best_score = cand, score
+    assert best is not None
+    return best
+
+
+def _render_background(rng: np.random.Generator, w: int, h: int, kind: str, present: list) -> tuple[Image.Image, dict]:
+    base = _pick_background_color(rng, present)
+    if kind == "flat":
+        return Image.new("RGB", (w, h), tuple(base)), {"type": "flat", "color": base}
+    if kind == "gradient":
+        other = _pick_background_color(rng, present)
+        direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
+        tx = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
+        ty = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+        t = {"horizontal": tx + 0 * ty, "vertical": ty + 0 * tx, "diagonal": (tx + ty) / 2}[direction]
+        a, b = np.asarray(base, np.float32), np.asarray(other, np.float32)
+        arr = (a + (b - a) * t[..., None] + 0.5).astype(np.uint8)
+        return Image.fromarray(arr, "RGB"), {"type": "gradient", "colors": [base, other], "direction": direction}
+    amplitude, cell = 28, int(rng.integers(24, 65))
+    grid = rng.integers(-amplitude, amplitude + 1, (h // cell + 2, w // cell + 2, 3))
+    low = Image.fromarray(np.clip(np.asarray(base) + grid, 0, 255).astype(np.uint8), "RGB")
+    img = low.resize((w, h), Image.Resampling.BILINEAR)
+    return img, {"type": "noise", "color": base, "amplitude": amplitude, "cell": cell}
+
+
+def _add_grain(rng: np.random.Generator, img: Image.Image, grain: int) -> Image.Image:
+    arr = np.asarray(img).astype(np.int16)
+    arr += rng.integers(-grain, grain + 1, arr.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+
+
+def encode_local_mask(local: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict[str, Any]:
+    """COCO RLE (counts as str) of a bbox-local mask placed at (x0, y0) in a height x width image.
+
+    Runs are computed only over the mask's columns, so cost scales with the object, not the image.
+    """
+    h, w = local.shape
+    block = np.zeros((height, w), dtype=np.int8)
+    block[y0 : y0 + h] = local
+    flat = block.ravel(order="F")
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flat, [0]))))
+    total = height * width
+    bounds = np.concatenate(([0], edges + x0 * height, [total]))
+    counts = np.diff(bounds).tolist()
+    rle = mask_utils.frPyObjects({"counts": counts, "size": [height, width]}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
+    """Boolean H x W mask from an RLE whose counts may be str (as stored in our JSON)."""
+    counts = rle["counts"]
+    obj = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(obj).astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene rendering
+
+
+def _weighted(rng: np.random.Generator, items: Sequence[str], weights: Sequence[float]) -> str:
+    p = np.asarray(weights, dtype=np.float64)
+    return items[int(rng.choice(len(items), p=p / p.sum()))]
+
+
+def _extent(rng: np.random.Generator, size: str, short_side: int) -> int:
+    lo, hi, floor = SIZE_RANGES[size]
+    a, b = max(floor, lo * short_side), max(floor + 2, hi * short_side)
+    return int(round(rng.uniform(a, b)))
+
+
+def render_scene(rng_seed: int | Sequence[int], spec: SceneSpec | Mapping[str, Any] | None = None) -> tuple[Image.Image, dict]:
+    """Render one scene; returns the RGB image and its ground-truth dict (image_id/file_name None).
+
+    The same rng_seed and spec always give the same pixels and the same dict.
+    """
+    if spec is None:
+        spec = SceneSpec()
+    elif not isinstance(spec, SceneSpec):
+        spec = SceneSpec(**{**dict(spec), "aspect_range": tuple(spec.get("aspect_range", (0.5, 2.0)))})
+    spec.validate()
+    rng = np.random.default_rng(rng_seed)
+    diff = DIFFICULTIES[spec.difficulty]
+    width, height = _image_size(rng, spec)
+    short = min(width, height)
+
+    if spec.fine:
+        n_target = int(rng.integers(6, 11))
+        size_w, text_prob = (0.7, 0.2, 0.1), 0.6
+    else:
+        n_target = int(rng.integers(diff.n_objects[0], diff.n_objects[1] + 1))
+        size_w, text_prob = (0.35, 0.4, 0.25), diff.text_prob
+
+    top = np.full((height, width), -1, dtype=np.int16)  # id of the object visible at each pixel
+    protected = np.zeros((height, width), dtype=bool)  # text / centre areas nobody may cover
+    placed: list[dict[str, Any]] = []
+    for _ in range(n_target):
+        shape = _weighted(rng, SHAPES, SHAPE_WEIGHTS)
+        color = _weighted(rng, COLOR_NAMES, COLOR_WEIGHTS)
+        size = _weighted(rng, SIZE_CLASSES, size_w)
+        sprite = _make_sprite(rng, shape, color, size, _extent(rng, size, short))
+        if rng.random() < text_prob:
+            _add_text(rng, sprite, diff, spec.fine)
+        h, w = sprite.own.shape
+        if w > width or h > height:
+            continue
+        full = int(sprite.own.sum())
+        oid = len(placed)
+        for _attempt in range(25):
+            x0 = int(rng.integers(0, width - w + 1))
+            y0 = int(rng.integers(0, height - h + 1))
+            if protected[y0 : y0 + h, x0 : x0 + w][sprite.own].any():
+                continue
+            under = top[y0 : y0 + h, x0 : x0 + w][sprite.own]
+            lost = np.bincount(under[under >= 0], minlength=oid) if oid else np.zeros(0, np.int64)
+            ok = True
+            for j in np.flatnonzero(lost):
+                left = placed[j]["visible"] - int(lost[j])
+                need = max(MIN_VISIBLE_PIXELS, math.ceil(diff.min_visible * placed[j]["full_area"] - 1e-9))
+                if diff.min_visible >= 1.0 or left < need:
+                    ok = False
+                    break
+            if not ok:
+                continue
+            for j in np.flatnonzero(lost):
+                placed[j]["visible"] -= int(lost[j])
+                placed[j]["occluded_by"].append(oid)
+            top[y0 : y0 + h, x0 : x0 + w][sprite.own] = oid
+            ax, ay = x0 + sprite.anchor[0], y0 + sprite.anchor[1]
+            if sprite.text:
+                left_, top_, right_, bottom_ = sprite.text_box
+                box = (ax + left_ - 1, ay + top_ - 1, ax + right_ + 1, ay + bottom_ + 1)
+            else:
+                r = max(1.5, 0.5 * sprite.inner_half)
+                box = (ax - r, ay - r, ax + r, ay + r)
+            bx0, by0 = max(0, int(math.floor(box[0]))), max(0, int(math.floor(box[1])))
+            bx1, by1 = min(width, int(math.ceil(box[2])) + 1), min(height, int(math.ceil(box[3])) + 1)
+            protected[by0:by1, bx0:bx1] = True
+            placed.append(
+                {"sprite": sprite, "x0": x0, "y0": y0, "full_area": full, "visible": full, "occluded_by": [], "anchor": (ax, ay)}
+            )
+            break
+
+    present = sorted({COLORS[p["sprite"].color] for p in placed})
+    kind = _weighted(rng, BACKGROUNDS, diff.background_weights)
+    image, background = _render_background(rng, width, height, kind, present)
+    if kind == "noise" and diff.grain:
+        image = _add_grain(rng, image, diff.grain)
+        background["grain"] = diff.grain
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for oid, p in enumerate(placed):
+        sp: _Sprite = p["sprite"]
+        h, w = sp.own.shape
+        x0, y0 = p["x0"], p["y0"]
+        image.paste(COLORS[sp.color], (x0, y0, x0 + w, y0 + h), mask=sp.coverage)
+        ax, ay = p["anchor"]
+        if sp.text:
+            r, g, b = COLORS[sp.color]
+            ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+            draw.text((ax, ay), sp.text, fill=ink, font=_font(sp.text_size), anchor="mm")
+        visible = top[y0 : y0 + h, x0 : x0 + w] == oid
+        ys, xs = np.nonzero(visible)
+        area = int(ys.size)
+        bx, by = int(xs.min()), int(ys.min())
+        bbox = [x0 + bx, y0 + by, int(xs.max()) - bx + 1, int(ys.max()) - by + 1]
+        cx, cy = int(ax), int(ay)
+        if not (0 <= cy - y0 < h and 0 <= cx - x0 < w and visible[cy - y0, cx - x0]):
+            k = int(np.argmin((xs + x0 - ax) ** 2 + (ys + y0 - ay) ** 2))
+            cx, cy = int(xs[k]) + x0, int(ys[k]) + y0
+        objects.append(
+            {
+                "id": oid,
+                "shape": sp.shape,
+                "color": sp.color,
+                "size": sp.size,
+                "text": sp.text,
+                "bbox": bbox,
+                "area": area,
+                "segmentation": encode_local_mask(visible, x0, y0, height, width),
+                "z": oid,
+                "center": [cx, cy],
+                "extent": sp.extent,
+                "full_area": p["full_area"],
+                "text_size": sp.text_size,
+                "occluded_by": p["occluded_by"],
+            }
+        )
+    scene = {
+        "image_id": None,
+        "file_name": None,
+        "width": width,
+        "height": height,
+        "background": background,
+        "difficulty": spec.difficulty,
+        "profile": "fine" if spec.fine else "regular",
+        "objects": objects,
+    }
+    return image, scene
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset writer
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Each split draws from its own seed so splits never share scenes."""
+    return seed * 1000 + SPLITS.index(split)
+
+
+def is_fine_scene(index: int) -> bool:
+    """Every fifth scene (1-based indices 2, 7, 12, ...) uses the large-image / tiny-text profile."""
+    return index % 5 == 2
+
+
+def image_path(split: str, index: int) -> str:
+    """Path of a scene's PNG relative to the dataset root."""
+    return f"images/{split}/{split}_{index:06d}.png"
+
+
+def _render_job(job: tuple[str, str, int, int, SceneSpec]) -> tuple[str, int, dict, str]:
+    """Render one scene and write its PNG; runs in a worker process."""
+    out_dir, split, sseed, index, spec = job
+    if is_fine_scene(index):
+        spec = SceneSpec(spec.min_size, spec.max_size, spec.aspect_range, spec.difficulty, True)
+    image, scene = render_scene([sseed, index], spec)
+    scene["image_id"] = index
+    scene["file_name"] = image_path(split, index)
+    image.save(os.path.join(out_dir, scene["file_name"]), format="PNG", compress_level=1)
+    return split, index, scene, json.dumps(scene, separators=(",", ":"))
+
+
+def _task_job(job: tuple[str, int, int, dict, tuple[str, ...], list]) -> tuple[str, int, dict[str, list[str]]]:
+    from unillava.data import shape_tasks
+
+    split, sseed, index, scene, tasks, popular = job
+    records = shape_tasks.build_scene_tasks(scene, split, index, tasks, [sseed, index, 1], popular)
+    return split, index, {t: [json.dumps(r, separators=(",", ":")) for r in recs] for t, recs in records.items()}
+
+
+def _coco_categories() -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": s, "supercategory": "shape"} for i, s in enumerate(SHAPES)]
+
+
+def _coco_instances(split: str, scenes: list[dict]) -> dict[str, Any]:
+    """COCO instance annotations of one split (visible-area RLE masks, categories = shapes)."""
+    images, annotations = [], []
+    cat = {s: i + 1 for i, s in enumerate(SHAPES)}
+    for scene in scenes:
+        images.append(
+            {"id": scene["image_id"], "file_name": scene["file_name"], "width": scene["width"], "height": scene["height"]}
+        )
+        for obj in scene["objects"]:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": scene["image_id"],
+                    "category_id": cat[obj["shape"]],
+                    "segmentation": obj["segmentation"],
+                    "area": obj["area"],
+                    "bbox": obj["bbox"],
+                    "iscrowd": 0,
+                    "object_id": obj["id"],
+                    "color": obj["color"],
+                    "size": obj["size"],
+                    "text": obj["text"],
+                    "z": obj["z"],
+                }
+            )
+    return {
+        "info": {"description": f"unillava shapes ({split})", "version": GENERATOR_VERSION},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": _coco_categories(),
+    }
+
+
+def _parse_tasks(tasks: str | Iterable[str] | None) -> tuple[str, ...]:
+    from unillava.data.shape_tasks import ALL_TASKS
+
+    if tasks is None or tasks == "all":
+        return ALL_TASKS
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if names == ["all"]:
+        return ALL_TASKS
+    unknown = [t for t in names if t not in ALL_TASKS]
+    if unknown or not names:
+        raise DataError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(ALL_TASKS)}")
+    return tuple(t for t in ALL_TASKS if t in names)
+
+
+_OUTPUTS = ("images", "scenes", "annotations", "tasks", "manifest.json")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    existing = [name for name in _OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise DataError(f"{out} already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it")
+    for name in existing:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike[str],
+    n: int,
+    seed: int,
+    *,
+    n_val: int | None = None,
+    n_test: int | None = None,
+    min_size: int = 128,
+    max_size: int = 1536,
+    aspect_range: tuple[float, float] = (0.5, 2.0),
+    difficulty: str = "medium",
+    workers: int | None = None,
+    tasks: str | Iterable[str] | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Render train/val/test scenes and write images, scene GT, COCO instances and task files.
+
+    Output bytes depend only on the arguments that appear in the manifest (not on workers), so a
+    dataset can be regenerated exactly from its manifest. Returns the manifest.
+    """
+    from tqdm import tqdm
+
+    from unillava.data import shape_tasks
+
+    n_val = max(1, n // 10) if n_val is None else n_val
+    n_test = max(1, n // 10) if n_test is None else n_test
+    for name, value in (("n", n), ("n-val", n_val), ("n-test", n_test)):
+        if not isinstance(value, int) or value < 0:
+            raise DataError(f"--{name} must be a non-negative integer, got {value!r}")
+    if n < 1:
+        raise DataError(f"--n must be at least 1, got {n}")
+    if not isinstance(seed, int) or seed < 0:
+        raise DataError(f"--seed must be a non-negative integer, got {seed!r}")
+    if workers is not None and workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    aspect = tuple(float(v) for v in aspect_range)
+    if len(aspect) != 2:
+        raise DataError(f"aspect range needs two numbers lo,hi, got {aspect_range!r}")
+    spec = SceneSpec(int(min_size), int(max_size), (aspect[0], aspect[1]), difficulty).validate()
+    task_names = _parse_tasks(tasks)
+    workers = workers or os.cpu_count() or 1
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out, overwrite)
+    counts = {"train": n, "val": n_val, "test": n_test}
+    for split in SPLITS:
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "tasks" / split).mkdir(parents=True, exist_ok=True)
+    (out / "scenes").mkdir(exist_ok=True)
+    (out / "annotations").mkdir(exist_ok=True)
+
+    jobs = [(str(out), s, split_seed(seed, s), i, spec) for s in SPLITS for i in range(1, counts[s] + 1)]
+    total = len(jobs)
+    scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    pool = multiprocessing.get_context().Pool(workers) if workers > 1 and total > 1 else None
+    try:
+        mapper = (lambda fn, it: pool.imap(fn, it, chunksize=8)) if pool else map
+        with tqdm(total=total, desc="render scenes", unit="scene", disable=not progress) as bar:
+            handles = {s: open(out / "scenes" / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
+            try:
+                for split, _index, scene, line in mapper(_render_job, jobs):
+                    scenes[split].append(scene)
+                    handles[split].write(line + "\n")
+                    bar.update()
+            finally:
+                for fh in handles.values():
+                    fh.close()
+
+        jsonl_tasks = tuple(t for t in task_names if t in shape_tasks.JSONL_TASKS)
+        task_counts = {s: dict.fromkeys(jsonl_tasks, 0) for s in SPLITS}
+        popular = {s: shape_tasks.popular_pairs(scenes[s]) for s in SPLITS}
+        task_jobs = (
+            (s, split_seed(seed, s), sc["image_id"], sc, jsonl_tasks, popular[s]) for s in SPLITS for sc in scenes[s]
+        )
+        handles = {(s, t): open(out / "tasks" / s / f"{t}.jsonl", "w", encoding="utf-8") for s in SPLITS for t in jsonl_tasks}
+        try:
+            with tqdm(total=total, desc="build tasks", unit="scene", disable=not progress) as bar:
+                for split, _index, lines in mapper(_task_job, task_jobs):
+                    for t, recs in lines.items():
+                        if recs:
+                            handles[(split, t)].write("\n".join(recs) + "\n")
+                        task_counts[split][t] += len(recs)
+                    bar.update()
+        finally:
+            for fh in handles.values():
+                fh.close()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    for split in SPLITS:
+        with open(out / "annotations" / f"instances_{split}.json", "w", encoding="utf-8") as fh:
+            json.dump(_coco_instances(split, scenes[split]), fh, separators=(",", ":"))
+
+    manifest = {
+        "generator": "unillava.data.shapes",
+        "version": GENERATOR_VERSION,
+        "arguments": {
+            "n": n,
+            "n_val": n_val,
+            "n_test": n_test,
+            "seed": seed,
+            "min_size": spec.min_size,
+            "max_size": spec.max_size,
+            "aspect_range": list(spec.aspect_range),
+            "difficulty": spec.difficulty,
+            "tasks": list(task_names),
+        },
+        "shapes": list(SHAPES),
+        "colors": list(COLOR_NAMES),
+        "splits": {
+            s: {
+                "seed": split_seed(seed, s),
+                "scenes": counts[s],
+                "objects": sum(len(sc["objects"]) for sc in scenes[s]),
+                "tasks": {
+                    **task_counts[s],
+                    **({"instances": sum(len(sc["objects"]) for sc in scenes[s])} if "instances" in task_names else {}),
+                },
+            }
+            for s in SPLITS
+        },
+    }
+    with open(out / "manifest.json", "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2)
+        fh.write("\n")
+    return manifest
+
+
+__all__ = [
+    "COLORS",
+    "CORNERS",
+    "DIFFICULTIES",
+    "GENERATOR_VERSION",
+    "SHAPES",
+    "SIZE_CLASSES",
+    "SceneSpec",
+    "decode_mask",
+    "encode_local_mask",
+    "generate_dataset",
+    "render_scene",
+]
