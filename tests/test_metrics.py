@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -218,6 +220,20 @@ def test_cider_identical_beats_different_without_java(monkeypatch: pytest.Monkey
     assert single["cider"] == 0.0 and any("idf" in w for w in single["warnings"])
     with pytest.raises(ValueError):
         M.caption_metrics(["x"], [[]])
+
+
+def test_broken_java_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "java"
+    fake.write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(M, "_meteor_scorer", None)
+    out = M.caption_metrics(["a red circle", "two squares"], [["a red circle"], ["two blue squares"]])
+    assert out["tokenizer"] == "simple" and out["cider"] > 0
+    assert out["meteor"] is None
+    assert any("PTB tokenizer failed" in w for w in out["warnings"])
+    assert any("METEOR failed" in w for w in out["warnings"])
+    assert M._meteor_scorer is None
 
 
 def test_caption_metrics_with_java() -> None:

@@ -60,6 +60,7 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     template: str = "auto"
+    system_prompt: str | None = None
     image_token: str = "<image>"
     max_length: int = 2048
 

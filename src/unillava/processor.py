@@ -14,6 +14,7 @@ from PIL import Image
 
 from unillava.config import ModelConfig
 from unillava.conversation import (
+    END_OF_TURN_STRINGS,
     IGNORE_INDEX,
     Encoded,
     Message,
@@ -61,6 +62,7 @@ class Processor:
         tower: VisionTower,
         image_token_id: int,
         max_length: int,
+        system_prompt: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
@@ -68,6 +70,7 @@ class Processor:
         self.tower = tower
         self.image_token_id = image_token_id
         self.max_length = max_length
+        self.system_prompt = system_prompt
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -89,13 +92,12 @@ class Processor:
             model.vision_tower,
             model.image_token_id,
             config.max_length,
+            config.system_prompt,
         )
 
     @property
     def stop_token_ids(self) -> list[int]:
         """Ids that end an assistant turn: EOS and the template's end-of-turn token."""
-        from unillava.conversation import END_OF_TURN_STRINGS
-
         vocab = self.tokenizer.get_vocab()
         ids = {self.tokenizer.eos_token_id} | {vocab[s] for s in END_OF_TURN_STRINGS if s in vocab}
         return sorted(i for i in ids if i is not None)
@@ -106,7 +108,11 @@ class Processor:
     def encode(
         self, messages: list[Message], pixel_values: list[torch.Tensor], add_generation_prompt: bool = False
     ) -> Encoded:
+        """Ids and labels; the model's default system prompt is used when the conversation has none,
+        in training and inference alike."""
         counts = [self.tower.num_tokens(int(p.shape[-2]), int(p.shape[-1])) for p in pixel_values]
+        if self.system_prompt is not None and (not messages or messages[0].role != "system"):
+            messages = [Message("system", [self.system_prompt]), *messages]
         segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)
         return encode_segments(segments, self.tokenizer, self.image_token_id, counts)
 

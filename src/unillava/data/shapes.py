@@ -19,7 +19,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ class Difficulty:
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty((1, 4), 1.0, (0.6, 0.4, 0.0), 0.3, (0.75, 1.0), 10, 0),
     "medium": Difficulty((1, 7), 0.6, (0.4, 0.35, 0.25), 0.4, (0.45, 1.0), 7, 0),
-    "hard": Difficulty((2, 10), 0.35, (0.2, 0.3, 0.5), 0.5, (0.25, 1.0), 5, 10),
+    "hard": Difficulty((2, 10), 0.35, (0.2, 0.3, 0.5), 0.5, (0.25, 1.0), 5, 6),
 }
 
 
@@ -130,7 +130,9 @@ class SceneSpec:
         if self.difficulty not in DIFFICULTIES:
             raise DataError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
         if not 32 <= self.min_size <= 8192 or not 32 <= self.max_size <= 8192:
-            raise DataError(f"image sizes must be within 32..8192 px, got min {self.min_size}, max {self.max_size}")
+            raise DataError(
+                f"image sizes must be within 32..8192 px, got min {self.min_size}, max {self.max_size}"
+            )
         if self.min_size > self.max_size:
             raise DataError(f"min-size ({self.min_size}) is larger than max-size ({self.max_size})")
         lo, hi = self.aspect_range
@@ -181,7 +183,7 @@ def _normalise(points: np.ndarray) -> np.ndarray:
     return (points - (lo + hi) / 2.0) * (2.0 / float((hi - lo).max()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unit_polygon(shape: str) -> np.ndarray:
     """Vertices of the unrotated shape in [-1, 1]^2 (y down); ellipses are squashed later."""
     if shape in ("circle", "ellipse"):
@@ -201,13 +203,29 @@ def _unit_polygon(shape: str) -> np.ndarray:
     elif shape == "cross":
         t = 0.34
         pts = np.array(
-            [[-t, -1], [t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]],
+            [
+                [-t, -1],
+                [t, -1],
+                [t, -t],
+                [1, -t],
+                [1, t],
+                [t, t],
+                [t, 1],
+                [-t, 1],
+                [-t, t],
+                [-1, t],
+                [-1, -t],
+                [-t, -t],
+            ],
             dtype=np.float64,
         )
     elif shape == "heart":
         tt = np.linspace(0.0, 2.0 * np.pi, 72, endpoint=False)
         pts = np.stack(
-            [16 * np.sin(tt) ** 3, -(13 * np.cos(tt) - 5 * np.cos(2 * tt) - 2 * np.cos(3 * tt) - np.cos(4 * tt))],
+            [
+                16 * np.sin(tt) ** 3,
+                -(13 * np.cos(tt) - 5 * np.cos(2 * tt) - 2 * np.cos(3 * tt) - np.cos(4 * tt)),
+            ],
             axis=1,
         )
     else:
@@ -237,10 +255,17 @@ def _edge_distance(points: np.ndarray, poly: np.ndarray) -> np.ndarray:
     return np.sqrt(((p - closest) ** 2).sum(-1)).min(1)
 
 
-def _pole(poly: np.ndarray) -> tuple[np.ndarray, float]:
-    """A point deep inside the polygon (where its text goes) and its distance to the outline."""
+@cache
+def _unit_pole(shape: str) -> tuple[np.ndarray, float]:
+    """A point deep inside the unit shape (where its text goes) and its distance to the outline.
+
+    Rotation and scaling preserve both, so this is computed once per shape.
+    """
+    poly = _unit_polygon(shape)
+    if shape in ("circle", "ellipse"):
+        return np.zeros(2), float(_edge_distance(np.zeros((1, 2)), poly)[0])
     lo, hi = poly.min(0), poly.max(0)
-    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 13), np.linspace(lo[1], hi[1], 13))
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 61), np.linspace(lo[1], hi[1], 61))
     cands = np.concatenate([poly.mean(0, keepdims=True), np.stack([gx.ravel(), gy.ravel()], 1)])
     dist = np.where(_inside(cands, poly), _edge_distance(cands, poly), -1.0)
     # Prefer the vertex mean on near-ties so symmetric shapes keep their text centred.
@@ -254,8 +279,14 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
+@cache
+def _glyph_box(ch: str, size: int) -> tuple[float, float, float, float]:
+    """Ink box of a centred ("mm" anchor) character, relative to the anchor."""
+    return tuple(float(v) for v in _font(size).getbbox(ch, anchor="mm"))  # type: ignore[return-value]
+
+
 def _fits(ch: str, size: int, half: float) -> bool:
-    left, top, right, bottom = _font(size).getbbox(ch, anchor="mm")
+    left, top, right, bottom = _glyph_box(ch, size)
     return right - left <= 2 * half and bottom - top <= 2 * half
 
 
@@ -286,8 +317,11 @@ class _Sprite:
 def _make_sprite(rng: np.random.Generator, shape: str, color: str, size: str, extent: int) -> _Sprite:
     """Rasterise one shape with supersampling; masks come from the same coverage as the pixels."""
     poly = _unit_polygon(shape).copy()
+    pole, inradius = _unit_pole(shape)
     if shape == "ellipse":
-        poly[:, 1] *= rng.uniform(0.5, 0.65)
+        ratio = rng.uniform(0.5, 0.65)
+        poly[:, 1] *= ratio
+        inradius *= ratio
         theta = rng.uniform(0.0, 180.0)
     elif shape in ("star", "hexagon"):
         theta = rng.uniform(0.0, 360.0)
@@ -296,7 +330,8 @@ def _make_sprite(rng: np.random.Generator, shape: str, color: str, size: str, ex
     else:
         theta = rng.uniform(-10.0, 10.0)
     c, s = math.cos(math.radians(theta)), math.sin(math.radians(theta))
-    poly = poly @ np.array([[c, s], [-s, c]]) * (extent / 2.0)
+    rot = np.array([[c, s], [-s, c]]) * (extent / 2.0)
+    poly = poly @ rot
     lo, hi = poly.min(0), poly.max(0)
     w, h = int(math.ceil(hi[0] - lo[0])) + 2, int(math.ceil(hi[1] - lo[1])) + 2
     local = poly - lo + 1.0
@@ -305,7 +340,7 @@ def _make_sprite(rng: np.random.Generator, shape: str, color: str, size: str, ex
     ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in local * ss - 0.5], fill=255)
     coverage = canvas.reduce(ss)
     own = np.asarray(coverage) >= 128
-    anchor, inradius = _pole(local)
+    anchor = pole @ rot - lo + 1.0
     return _Sprite(
         shape=shape,
         color=color,
@@ -314,7 +349,7 @@ def _make_sprite(rng: np.random.Generator, shape: str, color: str, size: str, ex
         coverage=coverage,
         own=own,
         anchor=(float(anchor[0]), float(anchor[1])),
-        inner_half=0.7 * inradius,
+        inner_half=0.7 * inradius * extent / 2.0,
     )
 
 
@@ -329,7 +364,7 @@ def _add_text(rng: np.random.Generator, sprite: _Sprite, diff: Difficulty, fine:
     if size > fit or size < 5:
         return
     sprite.text, sprite.text_size = ch, size
-    sprite.text_box = tuple(float(v) for v in _font(size).getbbox(ch, anchor="mm"))  # type: ignore[assignment]
+    sprite.text_box = _glyph_box(ch, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,28 +384,36 @@ def _pick_background_color(rng: np.random.Generator, present: list[tuple[int, in
         cand = [int(v) for v in rng.integers(0, 256, 3)]
         d_present = min((_color_dist(cand, p) for p in present), default=999.0)
         d_named = min(_color_dist(cand, p) for p in named)
-        if d_present >= 110 and d_named >= 55:
+        if d_present >= 110 and d_named >= 70:
             return cand
-        score = min(d_present / 110, d_named / 55)
+        score = min(d_present / 110, d_named / 70)
         if score > best_score:
             best, best_score = cand, score
     assert best is not None
     return best
 
 
-def _render_background(rng: np.random.Generator, w: int, h: int, kind: str, present: list) -> tuple[Image.Image, dict]:
+def _render_background(
+    rng: np.random.Generator, w: int, h: int, kind: str, present: list
+) -> tuple[Image.Image, dict]:
     base = _pick_background_color(rng, present)
     if kind == "flat":
         return Image.new("RGB", (w, h), tuple(base)), {"type": "flat", "color": base}
     if kind == "gradient":
         other = _pick_background_color(rng, present)
         direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
-        tx = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :]
-        ty = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
-        t = {"horizontal": tx + 0 * ty, "vertical": ty + 0 * tx, "diagonal": (tx + ty) / 2}[direction]
+        steps = {"horizontal": w, "vertical": h, "diagonal": w + h - 1}[direction]
+        t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
         a, b = np.asarray(base, np.float32), np.asarray(other, np.float32)
-        arr = (a + (b - a) * t[..., None] + 0.5).astype(np.uint8)
-        return Image.fromarray(arr, "RGB"), {"type": "gradient", "colors": [base, other], "direction": direction}
+        ramp = np.ascontiguousarray((a + (b - a) * t + 0.5).astype(np.uint8))
+        if direction == "horizontal":
+            arr = np.broadcast_to(ramp[None], (h, w, 3))
+        elif direction == "vertical":
+            arr = np.broadcast_to(ramp[:, None], (h, w, 3))
+        else:  # row y is ramp[y : y + w]: a strided view, copied once by fromarray
+            arr = np.lib.stride_tricks.as_strided(ramp, shape=(h, w, 3), strides=(3, 3, 1))
+        image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+        return image, {"type": "gradient", "colors": [base, other], "direction": direction}
     amplitude, cell = 28, int(rng.integers(24, 65))
     grid = rng.integers(-amplitude, amplitude + 1, (h // cell + 2, w // cell + 2, 3))
     low = Image.fromarray(np.clip(np.asarray(base) + grid, 0, 255).astype(np.uint8), "RGB")
@@ -379,8 +422,9 @@ def _render_background(rng: np.random.Generator, w: int, h: int, kind: str, pres
 
 
 def _add_grain(rng: np.random.Generator, img: Image.Image, grain: int) -> Image.Image:
+    """Per-pixel luminance grain; one value per pixel keeps PNG encoding affordable."""
     arr = np.asarray(img).astype(np.int16)
-    arr += rng.integers(-grain, grain + 1, arr.shape, dtype=np.int16)
+    arr += rng.integers(-grain, grain + 1, arr.shape[:2], dtype=np.int16)[..., None]
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -427,7 +471,9 @@ def _extent(rng: np.random.Generator, size: str, short_side: int) -> int:
     return int(round(rng.uniform(a, b)))
 
 
-def render_scene(rng_seed: int | Sequence[int], spec: SceneSpec | Mapping[str, Any] | None = None) -> tuple[Image.Image, dict]:
+def render_scene(
+    rng_seed: int | Sequence[int], spec: SceneSpec | Mapping[str, Any] | None = None
+) -> tuple[Image.Image, dict]:
     """Render one scene; returns the RGB image and its ground-truth dict (image_id/file_name None).
 
     The same rng_seed and spec always give the same pixels and the same dict.
@@ -495,7 +541,15 @@ def render_scene(rng_seed: int | Sequence[int], spec: SceneSpec | Mapping[str, A
             bx1, by1 = min(width, int(math.ceil(box[2])) + 1), min(height, int(math.ceil(box[3])) + 1)
             protected[by0:by1, bx0:bx1] = True
             placed.append(
-                {"sprite": sprite, "x0": x0, "y0": y0, "full_area": full, "visible": full, "occluded_by": [], "anchor": (ax, ay)}
+                {
+                    "sprite": sprite,
+                    "x0": x0,
+                    "y0": y0,
+                    "full_area": full,
+                    "visible": full,
+                    "occluded_by": [],
+                    "anchor": (ax, ay),
+                }
             )
             break
 
@@ -588,12 +642,18 @@ def _render_job(job: tuple[str, str, int, int, SceneSpec]) -> tuple[str, int, di
     return split, index, scene, json.dumps(scene, separators=(",", ":"))
 
 
-def _task_job(job: tuple[str, int, int, dict, tuple[str, ...], list]) -> tuple[str, int, dict[str, list[str]]]:
+def _task_job(
+    job: tuple[str, int, int, dict, tuple[str, ...], list],
+) -> tuple[str, int, dict[str, list[str]]]:
     from unillava.data import shape_tasks
 
     split, sseed, index, scene, tasks, popular = job
     records = shape_tasks.build_scene_tasks(scene, split, index, tasks, [sseed, index, 1], popular)
-    return split, index, {t: [json.dumps(r, separators=(",", ":")) for r in recs] for t, recs in records.items()}
+    return (
+        split,
+        index,
+        {t: [json.dumps(r, separators=(",", ":")) for r in recs] for t, recs in records.items()},
+    )
 
 
 def _coco_categories() -> list[dict[str, Any]]:
@@ -606,7 +666,12 @@ def _coco_instances(split: str, scenes: list[dict]) -> dict[str, Any]:
     cat = {s: i + 1 for i, s in enumerate(SHAPES)}
     for scene in scenes:
         images.append(
-            {"id": scene["image_id"], "file_name": scene["file_name"], "width": scene["width"], "height": scene["height"]}
+            {
+                "id": scene["image_id"],
+                "file_name": scene["file_name"],
+                "width": scene["width"],
+                "height": scene["height"],
+            }
         )
         for obj in scene["objects"]:
             annotations.append(
@@ -644,7 +709,9 @@ def _parse_tasks(tasks: str | Iterable[str] | None) -> tuple[str, ...]:
         return ALL_TASKS
     unknown = [t for t in names if t not in ALL_TASKS]
     if unknown or not names:
-        raise DataError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(ALL_TASKS)}")
+        raise DataError(
+            f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(ALL_TASKS)}"
+        )
     return tuple(t for t in ALL_TASKS if t in names)
 
 
@@ -654,7 +721,9 @@ _OUTPUTS = ("images", "scenes", "annotations", "tasks", "manifest.json")
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     existing = [name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise DataError(f"{out} already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it")
+        raise DataError(
+            f"{out} already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it"
+        )
     for name in existing:
         target = out / name
         if target.is_dir():
@@ -737,9 +806,15 @@ def generate_dataset(
         task_counts = {s: dict.fromkeys(jsonl_tasks, 0) for s in SPLITS}
         popular = {s: shape_tasks.popular_pairs(scenes[s]) for s in SPLITS}
         task_jobs = (
-            (s, split_seed(seed, s), sc["image_id"], sc, jsonl_tasks, popular[s]) for s in SPLITS for sc in scenes[s]
+            (s, split_seed(seed, s), sc["image_id"], sc, jsonl_tasks, popular[s])
+            for s in SPLITS
+            for sc in scenes[s]
         )
-        handles = {(s, t): open(out / "tasks" / s / f"{t}.jsonl", "w", encoding="utf-8") for s in SPLITS for t in jsonl_tasks}
+        handles = {
+            (s, t): open(out / "tasks" / s / f"{t}.jsonl", "w", encoding="utf-8")
+            for s in SPLITS
+            for t in jsonl_tasks
+        }
         try:
             with tqdm(total=total, desc="build tasks", unit="scene", disable=not progress) as bar:
                 for split, _index, lines in mapper(_task_job, task_jobs):
@@ -783,7 +858,11 @@ def generate_dataset(
                 "objects": sum(len(sc["objects"]) for sc in scenes[s]),
                 "tasks": {
                     **task_counts[s],
-                    **({"instances": sum(len(sc["objects"]) for sc in scenes[s])} if "instances" in task_names else {}),
+                    **(
+                        {"instances": sum(len(sc["objects"]) for sc in scenes[s])}
+                        if "instances" in task_names
+                        else {}
+                    ),
                 },
             }
             for s in SPLITS

@@ -431,7 +431,8 @@ def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
         cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", src]
         proc = subprocess.run(cmd, capture_output=True, timeout=600, check=False)
     if proc.returncode != 0:
-        raise subprocess.SubprocessError(proc.stderr.decode("utf-8", errors="replace").strip()[-500:])
+        detail = proc.stderr.decode("utf-8", errors="replace").strip()[-500:]
+        raise subprocess.SubprocessError(f"java exited with status {proc.returncode}" + (f": {detail}" if detail else ""))
     out = proc.stdout.decode("utf-8", errors="replace").split("\n")
     drop = set(ptb.PUNCTUATIONS)
     return [
@@ -440,9 +441,26 @@ def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
     ]
 
 
+def _discard_meteor(scorer: Any) -> None:
+    """Stop a METEOR process that failed mid-call without deadlocking its __del__.
+
+    pycocoevalcap's Meteor keeps its lock held when compute_score raises, and its __del__ waits for
+    that lock, so the process is killed and the lock freed here before the object is dropped.
+    """
+    with contextlib.suppress(Exception):
+        scorer.meteor_p.kill()
+        scorer.meteor_p.wait(timeout=10)
+    with contextlib.suppress(Exception):
+        scorer.meteor_p.stdin.close()
+    if scorer.lock.locked():
+        scorer.lock.release()
+
+
 def _close_meteor() -> None:
     global _meteor_scorer
     with _METEOR_LOCK:
+        if _meteor_scorer is not None:
+            _discard_meteor(_meteor_scorer)
         _meteor_scorer = None
 
 
@@ -460,6 +478,7 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
         try:
             score, _ = _meteor_scorer.compute_score(gts, res)
         except Exception:
+            _discard_meteor(_meteor_scorer)
             _meteor_scorer = None
             raise
     return float(score)
@@ -522,7 +541,7 @@ def caption_metrics(
         try:
             result["meteor"] = _meteor(clean_gts, clean)
         except (OSError, ValueError, subprocess.SubprocessError) as err:
-            warnings.append(f"METEOR failed: {err}")
+            warnings.append(f"METEOR failed, the jar gave no usable answer ({type(err).__name__}: {err})")
     result["warnings"] = warnings
     return result
 

@@ -135,7 +135,7 @@ def _check_annotation(task: str, src: _Source, line: int, obj: dict[str, Any]) -
         answers = _str_list(src, line, obj, "answers", min_len=1)
         if not all(a.strip() for a in answers):
             raise src.error(line, "field 'answers' must not contain empty strings")
-    if task == "vqa" and "qtype" in obj and not isinstance(obj["qtype"], str):
+    if "qtype" in obj and not isinstance(obj["qtype"], str):
         raise src.error(line, "field 'qtype' must be a string")
     if task == "mc":
         options = _str_list(src, line, obj, "options", min_len=2)
@@ -266,40 +266,43 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
-def _score_vqa(task: str, anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
-    acc: list[float] = []
-    em: list[float] = []
-    by_type: dict[str, tuple[list[float], list[float]]] = {}
-    for ann, pred in zip(anns, preds, strict=True):
-        answers = ann.data["answers"]
-        a = 0.0 if pred is None else metrics.vqa_accuracy(pred.text, answers)
-        e = 0.0 if pred is None else metrics.exact_match(pred.text, answers)
-        acc.append(a)
-        em.append(e)
+def _by_qtype(anns: Sequence[_Annotation], columns: Mapping[str, Sequence[float]]) -> dict[str, Any]:
+    """Per-question-type means of each score column, for annotations that carry a string 'qtype'."""
+    groups: dict[str, list[int]] = {}
+    for i, ann in enumerate(anns):
         qtype = ann.data.get("qtype")
-        if task == "vqa" and qtype is not None:
-            group = by_type.setdefault(qtype, ([], []))
-            group[0].append(a)
-            group[1].append(e)
-    out: dict[str, Any] = {"metrics": {"accuracy": _mean(acc), "exact_match": _mean(em)}}
-    if by_type:
-        out["breakdown"] = {
-            "qtype": {
-                k: {"accuracy": _mean(v[0]), "exact_match": _mean(v[1]), "n": len(v[0])}
-                for k, v in sorted(by_type.items())
-            }
+        if isinstance(qtype, str):
+            groups.setdefault(qtype, []).append(i)
+    if not groups:
+        return {}
+    return {
+        "qtype": {
+            k: {**{name: _mean([col[i] for i in idx]) for name, col in columns.items()}, "n": len(idx)}
+            for k, idx in sorted(groups.items())
         }
-    return out
+    }
+
+
+def _score_vqa(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
+    acc = [0.0 if p is None else metrics.vqa_accuracy(p.text, a.data["answers"]) for a, p in zip(anns, preds, strict=True)]
+    em = [0.0 if p is None else metrics.exact_match(p.text, a.data["answers"]) for a, p in zip(anns, preds, strict=True)]
+    return {
+        "metrics": {"accuracy": _mean(acc), "exact_match": _mean(em)},
+        "breakdown": _by_qtype(anns, {"accuracy": acc, "exact_match": em}),
+    }
 
 
 def _score_mc(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
-    correct = unanswered = 0
-    for ann, pred in zip(anns, preds, strict=True):
-        letter = None if pred is None else metrics.extract_option_letter(pred.text, ann.data["options"])
-        unanswered += letter is None
-        correct += letter == ann.data["answer"]
-    n = len(anns)
-    return {"metrics": {"accuracy": correct / n, "no_answer": unanswered / n}}
+    letters = [
+        None if p is None else metrics.extract_option_letter(p.text, a.data["options"])
+        for a, p in zip(anns, preds, strict=True)
+    ]
+    correct = [float(letter == a.data["answer"]) for a, letter in zip(anns, letters, strict=True)]
+    unanswered = [float(letter is None) for letter in letters]
+    return {
+        "metrics": {"accuracy": _mean(correct), "no_answer": _mean(unanswered)},
+        "breakdown": _by_qtype(anns, {"accuracy": correct, "no_answer": unanswered}),
+    }
 
 
 def _score_pope(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
@@ -424,7 +427,7 @@ def _score(
     anns = _load_annotations(task, ann_src, ann_records)
     preds, counts, warnings = _pair(task, pred_src, pred_records, anns)
     if task in VQA_TASKS:
-        part = _score_vqa(task, anns, preds)
+        part = _score_vqa(anns, preds)
     elif task == "mc":
         part = _score_mc(anns, preds)
     elif task == "pope":
