@@ -229,6 +229,17 @@ def get_template(name: str, tokenizer) -> Template:
     raise ConfigError(f"template: unknown {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
 
 
+def _merge_template_runs(segments: list[Segment]) -> list[Segment]:
+    """Join neighbouring template pieces so they tokenize as the template's author wrote them."""
+    merged: list[Segment] = []
+    for segment in segments:
+        if segment.kind == "template" and merged and merged[-1].kind == "template":
+            merged[-1] = Segment("template", merged[-1].text + segment.text)
+        else:
+            merged.append(segment)
+    return merged
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -248,7 +259,7 @@ def encode_segments(
     input_ids: list[int] = []
     labels: list[int] = []
     images = 0
-    for segment in segments:
+    for segment in _merge_template_runs(segments):
         if segment.kind == "image":
             if images >= len(image_token_counts):
                 raise ValueError(

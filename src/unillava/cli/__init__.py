@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "generate_cmd",
     "validate_cmd",
     "eval_cmd",
+    "export_cmd",
+    "train_cmd",
 ]
 
 

@@ -7,11 +7,17 @@ before training starts, so skipped samples never reach a batch and the counts ar
   a sample that would lose (part of) an image is skipped;
 - a sample left without a supervised token is skipped (it would add nothing but a zero to the loss);
 - if every sample of the data is skipped, that is an error naming files and lines, not a run at loss 0.
+
+The plan (kept samples, token lengths, modality, counts) can be cached in `cache_dir`, keyed by everything
+it depends on, so other processes and resumed runs do not encode a 665K-sample mix again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -120,12 +126,15 @@ class SupervisedDataset(Dataset):
         response_format: str | None = None,
         max_length: int,
         progress: bool = False,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not files:
             raise DataError("no training files given")
         if max_length < 2:
             raise DataError(f"max_length must be at least 2, got {max_length}")
-        self.files = [f if isinstance(f, ConversationFile) else ConversationFile(f, image_root) for f in files]
+        self.files = [
+            f if isinstance(f, ConversationFile) else ConversationFile(f, image_root) for f in files
+        ]
         self.processor = processor
         self.response_format = response_format
         self.max_length = max_length
@@ -133,15 +142,68 @@ class SupervisedDataset(Dataset):
         self._index: list[tuple[int, int]] = []
         self.lengths: list[int] = []
         self.has_images: list[bool] = []
-        self._plan(progress)
+        self.cache_file = Path(cache_dir) / f"plan-{self._cache_key()[:20]}.json" if cache_dir else None
+        if self.cache_file is not None and self.cache_file.is_file():
+            self._load_plan(self.cache_file)
+        else:
+            self._scan(progress)
+            if self.cache_file is not None:
+                self._save_plan(self.cache_file)
+        self._check_not_empty()
 
-    def _plan(self, progress: bool) -> None:
+    def _cache_key(self) -> str:
+        """Everything the plan depends on: files (by size and mtime), tokenizer, template, image token counts."""
+        processor = self.processor
+        tokenizer = processor.tokenizer
+        vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+        preprocessor = processor.image_preprocessor
+        parts = {
+            "version": 1,
+            "files": [
+                [str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns, str(f.image_root)]
+                for f in self.files
+            ],
+            "max_length": self.max_length,
+            "response_format": self.response_format,
+            "template": [type(processor.template).__name__, getattr(processor.template, "name", "")],
+            "system_prompt": getattr(processor, "system_prompt", None),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "special": [tokenizer.bos_token, tokenizer.eos_token],
+            "vocab": vocab,
+            "image_token_id": processor.image_token_id,
+            "preprocessor": preprocessor.to_dict(),
+            "tower": [type(processor.tower).__name__, processor.tower.hf_config_dict()],
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _save_plan(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "index": self._index,
+            "lengths": self.lengths,
+            "has_images": self.has_images,
+            "report": self.report.as_dict(),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+
+    def _load_plan(self, path: Path) -> None:
+        data = json.loads(path.read_text())
+        self._index = [(int(f), int(i)) for f, i in data["index"]]
+        self.lengths = list(data["lengths"])
+        self.has_images = list(data["has_images"])
+        self.report = DataReport(**data["report"])
+
+    def _scan(self, progress: bool) -> None:
         total = sum(len(f) for f in self.files)
         bar = tqdm(total=total, desc="encoding data", unit="sample", disable=not progress)
         for file_index, file in enumerate(self.files):
             for i in range(len(file)):
                 sample = file[i]
-                encoded = self._encode(sample, [self._image_size(file, sample, k) for k in range(sample.num_images)])
+                encoded = self._encode(
+                    sample, [self._image_size(file, sample, k) for k in range(sample.num_images)]
+                )
                 kept, status = truncate(encoded, self.max_length, self.processor.image_token_id)
                 self.report.add(status, sample.source)
                 if status in (Status.KEPT, Status.TRUNCATED):
@@ -150,12 +212,18 @@ class SupervisedDataset(Dataset):
                     self.has_images.append(sample.num_images > 0)
                 bar.update(1)
         bar.close()
+
+    def _check_not_empty(self) -> None:
         if not self._index:
             names = ", ".join(f.name for f in self.files)
             reasons = "; ".join(
                 f"{count} {what} (e.g. {', '.join(self.report.examples.get(key, []))})"
                 for key, what, count in (
-                    ("skipped_no_supervision", "with no supervised token within max_length", self.report.skipped_no_supervision),
+                    (
+                        "skipped_no_supervision",
+                        "with no supervised token within max_length",
+                        self.report.skipped_no_supervision,
+                    ),
                     ("skipped_image_cut", "that would lose an image", self.report.skipped_image_cut),
                 )
                 if count
@@ -200,19 +268,27 @@ class SupervisedDataset(Dataset):
         file = self.files[file_index]
         sample = file[i]
         pixels = [
-            self.processor.image_preprocessor(load_image(file.image_path(sample, k), name=f"{sample.source}: image {k}"))
+            self.processor.image_preprocessor(
+                load_image(file.image_path(sample, k), name=f"{sample.source}: image {k}")
+            )
             for k in range(sample.num_images)
         ]
         encoded, status = truncate(
-            self._encode(sample, [tuple(p.shape[-2:]) for p in pixels]), self.max_length, self.processor.image_token_id
+            self._encode(sample, [tuple(p.shape[-2:]) for p in pixels]),
+            self.max_length,
+            self.processor.image_token_id,
         )
         if status not in (Status.KEPT, Status.TRUNCATED):
-            raise DataError(f"{sample.source}: changed since the data was planned (now {status.name.lower()})")
+            raise DataError(
+                f"{sample.source}: changed since the data was planned (now {status.name.lower()})"
+            )
         return TrainItem(encoded, pixels, sample.source)
 
     def collate(self, items: list[TrainItem]) -> Batch:
         """Right-padded batch; a batch without any supervised token is an error, never a silent zero loss."""
-        batch = self.processor.collate([it.encoded for it in items], [it.pixel_values for it in items], "right")
+        batch = self.processor.collate(
+            [it.encoded for it in items], [it.pixel_values for it in items], "right"
+        )
         assert batch.labels is not None
         if supervised_tokens(batch.labels) == 0:
             raise DataError(f"batch without supervised tokens: {', '.join(it.source for it in items)}")
@@ -292,7 +368,8 @@ class ModalityLengthGroupedSampler(Sampler[list[int]]):
 
         if self.group:
             groups = [
-                shuffled([i for i, flag in enumerate(self.has_images) if flag == modality]) for modality in (True, False)
+                shuffled([i for i, flag in enumerate(self.has_images) if flag == modality])
+                for modality in (True, False)
             ]
         else:
             groups = [shuffled(list(range(len(self.lengths))))]

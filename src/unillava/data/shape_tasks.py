@@ -288,6 +288,12 @@ def _unique_attr_specs(scene: Mapping, obj: Mapping, exclude: Iterable[str] = ()
     return specs
 
 
+def _near_edge(obj: Mapping, order: str) -> float:
+    """Signed coordinate of the bbox edge facing the side an ordinal counts from."""
+    x, y, w, h = obj["bbox"]
+    return {"left": x, "right": -(x + w), "top": y, "bottom": -(y + h)}[order]
+
+
 def _ordinal_specs(
     scene: Mapping, obj: Mapping, exclude: Iterable[str], rng: np.random.Generator
 ) -> list[dict]:
@@ -308,7 +314,9 @@ def _ordinal_specs(
             if any(abs(v - mine) < gap for v in others):
                 continue
             index = 1 + sum(v < mine for v in others)
-            if index > len(ORDINAL_WORDS):
+            # People may rank by the near edge rather than the centre: both must agree.
+            edge_rank = 1 + sum(_near_edge(o, order) < _near_edge(obj, order) for o in cands if o is not obj)
+            if index > len(ORDINAL_WORDS) or edge_rank != index:
                 continue
             spec = {"type": "ordinal", "target": target, "order": order, "index": index}
             if resolve_expression(scene, spec) == [obj["id"]]:

@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -453,7 +454,10 @@ def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
     """Boolean H x W mask from an RLE whose counts may be str (as stored in our JSON)."""
     counts = rle["counts"]
     obj = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(obj).astype(bool)
+    with warnings.catch_warnings():
+        # pycocotools <= 2.0.10 trips NumPy 2's __array__(copy=...) deprecation; harmless here.
+        warnings.filterwarnings("ignore", message=".*__array__ implementation", category=DeprecationWarning)
+        return mask_utils.decode(obj).astype(bool)
 
 
 # ----------------------------------------------------------------------------------------------

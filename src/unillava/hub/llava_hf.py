@@ -64,7 +64,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     for index_name, single_name in ((SAFE_INDEX, SAFE_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
         if (path / single_name).is_file():
-            return _read_file(path / single_name)
+            return read_weights_file(path / single_name)
         if (path / index_name).is_file():
             return _read_sharded(path / index_name)
     found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
@@ -74,7 +74,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _read_file(file: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
+    """One `.safetensors` or torch-pickle file (read with `weights_only=True`)."""
     try:
         if file.suffix == ".safetensors":
             return load_file(str(file))
@@ -97,10 +98,12 @@ def _read_sharded(index_file: Path) -> dict[str, torch.Tensor]:
         shard_file = index_file.parent / shard
         if not shard_file.is_file():
             raise CheckpointError(f"{index_file}: shard {shard} is missing")
-        state.update(_read_file(shard_file))
+        state.update(read_weights_file(shard_file))
     absent = sorted(set(weight_map) - set(state))
     if absent:
-        raise CheckpointError(f"{index_file}: {len(absent)} indexed tensor(s) not in their shards: {absent[:5]}")
+        raise CheckpointError(
+            f"{index_file}: {len(absent)} indexed tensor(s) not in their shards: {absent[:5]}"
+        )
     return state
 
 
@@ -193,7 +196,9 @@ def assemble(
                 if not key.endswith(RECOMPUTED_SUFFIXES):
                     stray.append(f"{part}.{key}")
             elif own[key].shape != given[key].shape:
-                problems.append(f"{part}.{key} has shape {tuple(given[key].shape)}, expected {tuple(own[key].shape)}")
+                problems.append(
+                    f"{part}.{key} has shape {tuple(given[key].shape)}, expected {tuple(own[key].shape)}"
+                )
         missing += [f"{part}.{key}" for key in own if key not in given and key not in optional[part]]
         parts[part] = {k: v for k, v in given.items() if k in own}
     if stray or missing or problems:
@@ -201,7 +206,7 @@ def assemble(
         if stray:
             lines.append(f"{len(stray)} unused key(s): {_key_list(sorted(stray))}")
         if missing:
-            lines.append(f"{len(missing)} weight(s) missing: {_key_list(sorted(missing))}")
+            lines.append(f"{len(missing)} weight(s) missing (unillava names): {_key_list(sorted(missing))}")
         lines += problems[:5]
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(lines))
     tower.load_state_dict(parts["vision_tower"], strict=False)
@@ -230,12 +235,16 @@ def _mean_init_new_rows(language_model: nn.Module, old_rows: int) -> None:
 
 def load_tokenizer(path: Path, what: str) -> Any:
     """The tokenizer saved in `path`, or a CheckpointError saying it is absent."""
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    if not any(
+        (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json / tokenizer.model) for the {what}")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot load the tokenizer ({' '.join(str(err).split())[:300]})") from None
+        raise CheckpointError(
+            f"{path}: cannot load the tokenizer ({' '.join(str(err).split())[:300]})"
+        ) from None
 
 
 def pick_template(tokenizer: Any) -> str:
@@ -264,9 +273,9 @@ def preprocessing_from_image_processor(
 ) -> tuple[int, str, list[float], list[float]]:
     """(image size, our image_mode, mean, std) from a transformers image-processor config.
 
-    `do_pad` -> "pad" (LLaVA-1.5's expand-to-square); a square resize without crop -> "resize". A
-    shortest-edge resize plus centre crop (CLIPImageProcessor) has no equivalent here: we use "pad",
-    which keeps the whole image and equals the crop for square images, and warn.
+    `do_pad` -> "pad" (LLaVA-1.5's expand-to-square); a square resize without crop -> "resize"; a
+    shortest-edge resize plus centre crop (CLIPImageProcessor) -> "center_crop", which has no equivalent
+    in unillava: callers choose a substitute (see `crop_substitute`).
     """
     mean = list(data.get("image_mean") or CLIP_MEAN)
     std = list(data.get("image_std") or CLIP_STD)
@@ -292,16 +301,23 @@ def preprocessing_from_image_processor(
     elif not center_crop and "height" in size_spec:
         mode = "resize"
     else:
-        mode = "pad"
-        warnings.warn(
-            f"{source}: the image processor resizes the shortest edge and centre-crops; unillava has no crop "
-            "mode, so images are padded to a square instead (identical for square images)",
-            stacklevel=3,
-        )
+        mode = "center_crop"
     return int(size), mode, mean, std
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def crop_substitute(source: str) -> str:
+    """unillava has no centre-crop mode: pad to a square instead (it keeps the whole image, equals the
+    crop for square images, and is what LLaVA-1.5 trained with), and say so."""
+    warnings.warn(
+        f"{source}: the checkpoint's preprocessing resizes the shortest edge and centre-crops; unillava has "
+        "no crop mode and pads images to a square instead (identical for square images)",
+        stacklevel=3,
+    )
+    return "pad"
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`, or a CheckpointError naming it."""
     try:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -346,21 +362,27 @@ def _processor_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any] | No
     processor: dict[str, Any] = {}
     image: dict[str, Any] | None = None
     if (path / PROCESSOR_CONFIG).is_file():
-        processor = _read_json(path / PROCESSOR_CONFIG)
+        processor = read_json(path / PROCESSOR_CONFIG)
         nested = processor.get("image_processor")
         image = nested if isinstance(nested, dict) else None
     if image is None and (path / PREPROCESSOR_CONFIG).is_file():
-        image = _read_json(path / PREPROCESSOR_CONFIG)
+        image = read_json(path / PREPROCESSOR_CONFIG)
     return processor, image
 
 
 def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
-    """Read a llava-hf directory (config.json with `LlavaForConditionalGeneration`) into a `LlavaModel`."""
+    """Read a llava-hf directory (config.json with `LlavaForConditionalGeneration`) into a `LlavaModel`.
+
+    Preprocessing comes from the processor's image-processor settings; without any, LLaVA-1.5's
+    defaults (pad to square, CLIP mean/std, the tower's image size) apply.
+    """
     path = Path(path)
     try:
         hf = LlavaConfig.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path}/config.json: not a readable LlavaConfig ({' '.join(str(err).split())[:300]})") from None
+        raise CheckpointError(
+            f"{path}/config.json: not a readable LlavaConfig ({' '.join(str(err).split())[:300]})"
+        ) from None
     vision_hf = hf.vision_config
     if vision_hf.model_type != "clip_vision_model":
         raise CheckpointError(
@@ -378,13 +400,18 @@ def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Llava
             f"bias={hf.multimodal_projector_bias}; unillava's mlp2x_gelu has GELU and biases"
         )
     processor, image_settings = _processor_settings(path)
-    size, mode, mean, std = preprocessing_from_image_processor(
-        image_settings or {}, str(path), default_size=vision_hf.image_size
-    )
+    if image_settings is None:
+        size, mode, mean, std = vision_hf.image_size, "pad", list(CLIP_MEAN), list(CLIP_STD)
+    else:
+        size, mode, mean, std = preprocessing_from_image_processor(
+            image_settings, str(path), default_size=vision_hf.image_size
+        )
     if size != vision_hf.image_size:
         raise CheckpointError(
             f"{path}: the image processor makes {size}px images but the CLIP tower takes {vision_hf.image_size}px"
         )
+    if mode == "center_crop":
+        mode = crop_substitute(str(path))
     tokenizer = load_tokenizer(path, "llava-hf checkpoint")
     image_token = processor.get("image_token") or "<image>"
     token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -423,7 +450,9 @@ def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Llava
     state, unused = rename_keys(read_weights(path), lambda key: llava_hf_key(key, prefix), str(path))
     model = assemble(config, tower, language_model, tokenizer, state, str(path), unused=unused, dtype=dtype)
     if model.image_token_id != hf.image_token_index:
-        raise CheckpointError(f"{path}: image token id {model.image_token_id} != image_token_index {hf.image_token_index}")
+        raise CheckpointError(
+            f"{path}: image token id {model.image_token_id} != image_token_index {hf.image_token_index}"
+        )
     return model
 
 
@@ -532,7 +561,12 @@ def _save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: in
     (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
 
 
-def export_hf(model: LlavaModel, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def export_hf(
+    model: LlavaModel,
+    out_dir: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write `model` in the llava-hf layout, loadable by `LlavaForConditionalGeneration` and `AutoProcessor`.
 
     Only a CLIP tower with an `mlp2x_gelu` projector fits that architecture. Weights use the key names of
@@ -541,13 +575,24 @@ def export_hf(model: LlavaModel, out_dir: str | Path, max_shard_bytes: int = DEF
     preprocessing: square resize, `do_pad` for "pad" mode, our mean/std, bicubic, and counts one image
     token per feature. With torchvision installed transformers resizes with torchvision instead of PIL,
     which can move pixel values slightly; without it, pixels match ours exactly.
+
+    `out_dir` must be new or empty unless `overwrite`, which first deletes weight files already there
+    (a stale shard next to new ones would be loaded with them).
     """
     from unillava.vision.clip import CLIPTower
 
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise CheckpointError(
+            f"{out}: exists and is not an empty directory; export into a new one or overwrite"
+        )
     config = model.config
     tower = model.vision_tower
-    if config.vision.type != "clip" or not isinstance(tower, CLIPTower) or config.projector.type != "mlp2x_gelu":
+    if (
+        config.vision.type != "clip"
+        or not isinstance(tower, CLIPTower)
+        or config.projector.type != "mlp2x_gelu"
+    ):
         raise CheckpointError(
             f"cannot export a {config.vision.type!r} tower with a {config.projector.type!r} projector to the "
             "llava-hf layout: transformers' LlavaForConditionalGeneration (and vLLM, SGLang, llama.cpp, which "
@@ -585,6 +630,9 @@ def export_hf(model: LlavaModel, out_dir: str | Path, max_shard_bytes: int = DEF
     tied = set(model._tied_keys())
     state = {_hub_key(k): v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in ("model*.safetensors", SAFE_INDEX, "pytorch_model*.bin", BIN_INDEX):
+        for stale in out.glob(pattern):
+            stale.unlink()
     _save_weights(state, out, max_shard_bytes)
     llava_config.save_pretrained(str(out))
     generation_config = getattr(language_model, "generation_config", None)

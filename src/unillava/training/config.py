@@ -6,9 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unillava.config import ModelConfig, load_config
+from unillava.conversation import TEMPLATE_NAMES
+from unillava.data.llava_format import RESPONSE_FORMATS
 from unillava.errors import ConfigError
 
 TRAIN_LLM_MODES = ("none", "full", "lora", "qlora")
+# transformers' schedules that need nothing beyond warmup and total steps
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -36,6 +40,7 @@ class LoraSettings:
 class TrainConfig:
     """One training stage. Set `model` to build a model (stage 1) or `init_from` to continue one (stage 2).
 
+    Length: `max_steps` if set, else `epochs` (may be fractional) over the kept samples.
     Batch semantics: `global_batch_size` = per_device_batch_size x processes x gradient_accumulation;
     give either of the last two fields (or both, consistently) so one recipe fits any number of GPUs.
     The loss is the mean over all supervised tokens of the global batch, however it is split.
@@ -73,11 +78,15 @@ class TrainConfig:
     def validate(self) -> None:
         """Check field values that types alone cannot; errors name the field."""
         if (self.model is None) == (self.init_from is None):
-            raise ConfigError("model / init_from: set exactly one (a model to build, or a unillava model dir)")
+            raise ConfigError(
+                "model / init_from: set exactly one (a model to build, or a unillava model dir)"
+            )
         if self.init_from is not None and not (Path(self.init_from) / "unillava_config.json").is_file():
             raise ConfigError(f"init_from: {self.init_from!r} is not a unillava model directory")
         if self.train_llm not in TRAIN_LLM_MODES:
-            raise ConfigError(f"train_llm: expected one of {', '.join(TRAIN_LLM_MODES)}, got {self.train_llm!r}")
+            raise ConfigError(
+                f"train_llm: expected one of {', '.join(TRAIN_LLM_MODES)}, got {self.train_llm!r}"
+            )
         if not (self.train_projector or self.train_vision or self.train_llm != "none"):
             raise ConfigError("train_projector / train_llm / train_vision: nothing would be trained")
         if not self.data.train_files:
@@ -108,6 +117,19 @@ class TrainConfig:
             raise ConfigError(f"weight_decay: must not be negative, got {self.weight_decay}")
         if not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(
+                f"lr_scheduler: expected one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
+            )
+        if self.data.template is not None and self.data.template not in TEMPLATE_NAMES:
+            raise ConfigError(
+                f"data.template: expected one of {', '.join(TEMPLATE_NAMES)}, got {self.data.template!r}"
+            )
+        if self.data.response_format is not None and self.data.response_format not in RESPONSE_FORMATS:
+            raise ConfigError(
+                f"data.response_format: expected one of {', '.join(RESPONSE_FORMATS)}, "
+                f"got {self.data.response_format!r}"
+            )
         if self.data.num_workers < 0:
             raise ConfigError(f"data.num_workers: must not be negative, got {self.data.num_workers}")
 

@@ -70,4 +70,4 @@ def build_vision_tower(config: VisionConfig) -> VisionTower:
 
 def _import_builtin_towers() -> None:
     """Towers register themselves on import; import the built-in ones lazily."""
-    from unillava.vision import clip  # noqa: F401
+    from unillava.vision import clip, convnext  # noqa: F401

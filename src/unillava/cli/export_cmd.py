@@ -1,0 +1,67 @@
+"""`unillava export --to hf MODEL OUT`: write a model in the llava-hf layout for transformers, vLLM and others."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unillava.errors import CheckpointError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `export` command."""
+    parser = subparsers.add_parser(
+        "export",
+        help="convert a model directory to another layout (llava-hf)",
+        description=(
+            "Read MODEL in any layout unillava loads (unillava, llava-hf, original LLaVA) and write it to OUT "
+            "in the llava-hf layout (LlavaForConditionalGeneration + LlavaProcessor). Exit status 2 when "
+            "MODEL cannot be read or cannot be represented."
+        ),
+    )
+    parser.add_argument("--to", required=True, choices=["hf"], help="target layout (hf: llava-hf)")
+    parser.add_argument("model", metavar="MODEL", help="model directory")
+    parser.add_argument("out", metavar="OUT", help="output directory (new or empty)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="weights dtype to write (default float32)"
+    )
+    parser.add_argument(
+        "--vision-tower",
+        metavar="DIR",
+        default=None,
+        help="original LLaVA: local CLIP directory for mm_vision_tower",
+    )
+    parser.add_argument(
+        "--base-llm",
+        metavar="DIR",
+        default=None,
+        help="original LLaVA stage-1 output: the base LLM directory",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load MODEL, refuse to clobber OUT unless asked, export, and print where it went."""
+    import torch
+
+    from unillava.hub import export_hf, load_model
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
+        raise CheckpointError(
+            f"{out}: exists and is not an empty directory; choose another OUT or pass --overwrite"
+        )
+    if Path(args.model).expanduser().resolve() == out.resolve():
+        raise CheckpointError(f"{out}: OUT must differ from MODEL")
+    model = load_model(
+        args.model,
+        dtype=getattr(torch, args.dtype),
+        vision_tower_path=args.vision_tower,
+        base_llm_path=args.base_llm,
+    )
+    export_hf(model, out, overwrite=args.overwrite)
+    print(f"wrote llava-hf model to {out}")
+    return 0

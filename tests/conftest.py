@@ -1,0 +1,41 @@
+"""Fixtures shared by test modules. Keep models tiny: the suite runs on a shared 2-core CPU.
+
+Tiny model configs themselves live in `unillava.testing` so examples and benchmarks can use them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AddedToken, AutoTokenizer
+
+from unillava.llm import embedded_default_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default LLM's directory (converted once and cached); its tokenizer is the test tokenizer."""
+    return embedded_default_path()
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer(smollm2_dir: Path) -> Callable[..., Any]:
+    """A factory of fresh SmolLM2 tokenizers, since tests add tokens and templates to the one they get.
+
+    `make_tokenizer("<image>")` adds that special token; `chat_template=False` drops the chat template.
+    """
+
+    def make(*special_tokens: str, chat_template: bool = True) -> Any:
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+        if special_tokens:
+            tokenizer.add_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in special_tokens], special_tokens=True
+            )
+        if not chat_template:
+            tokenizer.chat_template = None
+        return tokenizer
+
+    return make
