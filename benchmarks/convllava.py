@@ -11,8 +11,9 @@ tokens the LLM must prefill by 4. Prints a markdown table plus fitted growth exp
 Geometry: `real` is CLIP ViT-L/14 (1024 wide, 24 layers) and ConvNeXt-L (depths 3/3/27/3, widths
 192..1536) + stage 5 (6 blocks, 3072 wide); on a CPU its large resolutions take minutes per cell.
 `scaled` (default) keeps the shapes that decide the growth (patch 14, stem 4, strides 32/64) and
-shrinks width and depth: ViT 256 wide, 6 layers, 4 heads; ConvNeXt widths / 4 (48..384, stage 5 768)
-with depths 1/1/9/1 (+2). Prefill always uses the same small random LLM (Llama, 4 layers, 512 wide,
+shrinks both towers by the same factors, width / 4 and depth / 3, so their cost ratio stays roughly the
+real one: ViT 256 wide, 8 layers, 4 heads; ConvNeXt widths 48..384 (stage 5: 768) with depths 1/1/9/1
+(stage 5: 2). Prefill always uses the same small random LLM (Llama, 4 layers, 512 wide,
 8 heads) on the image tokens plus 32 text tokens, batch 1, so only the token count differs.
 
 Inputs: the ViT takes the side rounded down to a multiple of 14 (position embeddings interpolated); the
@@ -53,7 +54,7 @@ GEOMETRIES: dict[str, dict[str, Any]] = {
         "vit": {
             "hidden_size": 256,
             "intermediate_size": 1024,
-            "num_hidden_layers": 6,
+            "num_hidden_layers": 8,
             "num_attention_heads": 4,
         },
         "convnext": {"depths": [1, 1, 9, 1], "hidden_sizes": [48, 96, 192, 384]},

@@ -39,3 +39,17 @@ def make_tokenizer(smollm2_dir: Path) -> Callable[..., Any]:
         return tokenizer
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random unillava model saved in our own layout (for CLI and loading tests)."""
+    import torch
+
+    from unillava.modeling import LlavaModel
+    from unillava.testing import tiny_model_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-model") / "model"
+    LlavaModel.from_config(tiny_model_config()).save_pretrained(path)
+    return path

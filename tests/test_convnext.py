@@ -22,7 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig, load_config
 from unillava.conversation import Message, split_image_markers
 from unillava.errors import CheckpointError, ConfigError
 from unillava.hub import detect_layout, export_hf, load_model
@@ -31,9 +31,11 @@ from unillava.llm import EMBEDDED_DEFAULT
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
 from unillava.testing import tiny_llama_config
+from unillava.training.config import TrainConfig
 from unillava.vision import build_vision_tower
 from unillava.vision.convnext import ConvNeXtTower
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEPTHS = [1, 2, 1, 1, 1]
 WIDTHS = [8, 16, 32, 64, 128]
 SIZE = 128
@@ -409,3 +411,53 @@ def test_export_to_llava_hf_is_refused(any_mode_model, tmp_path):
     with pytest.raises(CheckpointError, match="'convnext' tower"):
         export_hf(any_mode_model, tmp_path / "hf")
     assert not Path(tmp_path / "hf" / "model.safetensors").exists()
+
+
+# -- recipes -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", [768, 1024, 1536])
+def test_convllava_recipes_follow_the_paper(resolution):
+    s1, s2, s3 = (
+        load_config(TrainConfig, CONFIGS / f"convllava-{resolution}/stage{i}.yaml") for i in (1, 2, 3)
+    )
+    assert s1.model is not None
+    vision = s1.model.vision
+    assert (vision.type, vision.image_size, vision.image_mode, vision.select_layer) == (
+        "convnext",
+        resolution,
+        "pad",
+        -1,
+    )
+    assert vision.extra == {
+        "add_stage5": {"depth": 6, "width": 3072, "layer_scale_init": 1e-6},
+        "unfreeze_from_stage": 5,
+    }
+    assert (s1.train_vision, s1.train_projector, s1.train_llm, s1.lr, s1.global_batch_size) == (
+        True,
+        True,
+        "none",
+        3e-4,
+        256,
+    )
+    assert (s2.init_from, s2.train_vision, s2.train_llm, s2.lr) == (
+        f"runs/convllava-{resolution}-stage1/model",
+        True,
+        "full",
+        2e-5,
+    )
+    assert (s3.init_from, s3.train_vision, s3.train_llm, s3.lr, s3.global_batch_size) == (
+        f"runs/convllava-{resolution}-stage2/model",
+        False,
+        "full",
+        2e-5,
+        128,
+    )
+    assert all((c.epochs, c.warmup_ratio, c.lr_scheduler) == (1, 0.03, "cosine") for c in (s1, s2, s3))
+
+
+def test_tiny_convllava_config_builds_a_stride_64_model():
+    config = load_config(TrainConfig, CONFIGS / "tiny/convllava.yaml")
+    assert config.model is not None
+    tower = build_vision_tower(config.model.vision)
+    assert tower.num_tokens(128, 128) == 4 and tower.hidden_size == 128

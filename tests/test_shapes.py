@@ -360,3 +360,29 @@ def test_api_validation_raises_data_error(tmp_path: Path) -> None:
         generate_dataset(tmp_path, 2, -1)
     with pytest.raises(DataError, match="--n"):
         generate_dataset(tmp_path, 0, 1)
+
+
+def test_instances_file_loads_in_pycocotools_and_scores_perfectly(dataset: Path) -> None:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    path = dataset / "annotations" / "instances_train.json"
+    dets = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "segmentation": a["segmentation"],
+            "score": 1.0,
+        }
+        for a in json.loads(path.read_text())["annotations"]
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(path))
+        ev = COCOeval(gt, gt.loadRes(dets), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[0] == pytest.approx(1.0)

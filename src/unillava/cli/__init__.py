@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "generate_cmd",
     "validate_cmd",
     "eval_cmd",
+    "demo_cmd",
     "export_cmd",
     "train_cmd",
 ]

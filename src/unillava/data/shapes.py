@@ -130,9 +130,10 @@ class SceneSpec:
         """Raise DataError naming the bad field; return self so calls chain."""
         if self.difficulty not in DIFFICULTIES:
             raise DataError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
-        if not 32 <= self.min_size <= 8192 or not 32 <= self.max_size <= 8192:
+        if not 64 <= self.min_size <= 8192 or not 64 <= self.max_size <= 8192:
+            # Below 64 px a large object (32 px floor, rotated) may not fit and a scene could be empty.
             raise DataError(
-                f"image sizes must be within 32..8192 px, got min {self.min_size}, max {self.max_size}"
+                f"image sizes must be within 64..8192 px, got min {self.min_size}, max {self.max_size}"
             )
         if self.min_size > self.max_size:
             raise DataError(f"min-size ({self.min_size}) is larger than max-size ({self.max_size})")
@@ -376,18 +377,41 @@ def _color_dist(a: Sequence[float], b: Sequence[float]) -> float:
     return math.dist(a, b)
 
 
-def _pick_background_color(rng: np.random.Generator, present: list[tuple[int, int, int]]) -> list[int]:
-    """A colour far from the scene's objects and not too close to any named colour, so it is never
-    mistaken for an object and "Is there a yellow ..." never depends on the backdrop."""
+def _hsv_to_rgb(h: float, s: float, v: float) -> list[int]:
+    i = int(h * 6.0) % 6
+    f = h * 6.0 - int(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r, g, b = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i]
+    return [round(255 * r), round(255 * g), round(255 * b)]
+
+
+def _pick_background_color(
+    rng: np.random.Generator, present: list[tuple[int, int, int]], near: list[int] | None = None
+) -> list[int]:
+    """A muted colour far from the scene's objects and from every named colour, so the backdrop is
+    never mistaken for an object and "Is there a purple ..." never depends on it. With `near`, the
+    hue stays within 60 degrees of that colour (gradient end points)."""
     named = list(COLORS.values())
     best, best_score = None, -1.0
+    if near is not None:
+        r, g, b = (v / 255.0 for v in near)
+        mx, mn = max(r, g, b), min(r, g, b)
+        if mx == mn:
+            base_hue = 0.0
+        elif mx == r:
+            base_hue = ((g - b) / (mx - mn) / 6.0) % 1.0
+        elif mx == g:
+            base_hue = ((b - r) / (mx - mn) / 6.0 + 1 / 3) % 1.0
+        else:
+            base_hue = ((r - g) / (mx - mn) / 6.0 + 2 / 3) % 1.0
     for _ in range(200):
-        cand = [int(v) for v in rng.integers(0, 256, 3)]
+        hue = rng.uniform(0.0, 1.0) if near is None else (base_hue + rng.uniform(-1 / 6, 1 / 6)) % 1.0
+        cand = _hsv_to_rgb(hue, rng.uniform(0.08, 0.45), rng.uniform(0.4, 0.95))
         d_present = min((_color_dist(cand, p) for p in present), default=999.0)
         d_named = min(_color_dist(cand, p) for p in named)
-        if d_present >= 110 and d_named >= 70:
+        if d_present >= 100 and d_named >= 60:
             return cand
-        score = min(d_present / 110, d_named / 70)
+        score = min(d_present / 100, d_named / 60)
         if score > best_score:
             best, best_score = cand, score
     assert best is not None
@@ -401,7 +425,7 @@ def _render_background(
     if kind == "flat":
         return Image.new("RGB", (w, h), tuple(base)), {"type": "flat", "color": base}
     if kind == "gradient":
-        other = _pick_background_color(rng, present)
+        other = _pick_background_color(rng, present, near=base)
         direction = ("horizontal", "vertical", "diagonal")[int(rng.integers(3))]
         steps = {"horizontal": w, "vertical": h, "diagonal": w + h - 1}[direction]
         t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]
@@ -416,7 +440,9 @@ def _render_background(
         image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
         return image, {"type": "gradient", "colors": [base, other], "direction": direction}
     amplitude, cell = 28, int(rng.integers(24, 65))
-    grid = rng.integers(-amplitude, amplitude + 1, (h // cell + 2, w // cell + 2, 3))
+    gh, gw = h // cell + 2, w // cell + 2
+    # Mostly luminance: strong chroma noise would tint patches towards named colours.
+    grid = rng.integers(-amplitude, amplitude + 1, (gh, gw, 1)) + rng.integers(-8, 9, (gh, gw, 3))
     low = Image.fromarray(np.clip(np.asarray(base) + grid, 0, 255).astype(np.uint8), "RGB")
     img = low.resize((w, h), Image.Resampling.BILINEAR)
     return img, {"type": "noise", "color": base, "amplitude": amplitude, "cell": cell}

@@ -406,9 +406,14 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
         )
 
-    def _train_step(self, micro_batches: list[Batch]) -> tuple[float, int, float | None]:
-        """One optimizer step over this process's micro-batches; returns (global loss, tokens, grad norm)."""
+    def _train_step(self, micro_batches: list[Batch]) -> tuple[float, int, float | None, dict[str, float]]:
+        """One optimizer step over this process's micro-batches.
+
+        Returns the global loss, the global supervised-token count, the gradient norm and the learning
+        rates this step used (the scheduler has moved on by the time the step is logged).
+        """
         acc = self.accelerator
+        lrs = self._lrs()
         local_tokens = torch.tensor(
             float(sum(supervised_tokens(b.labels) for b in micro_batches)), device=acc.device
         )
@@ -440,7 +445,7 @@ class Trainer:
         loss = float(acc.reduce(loss_sum, "sum")) / tokens
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: loss is {loss}")
-        return loss, int(tokens), grad_norm
+        return loss, int(tokens), grad_norm, lrs
 
     def train(self) -> TrainResult:
         config, acc = self.config, self.accelerator
@@ -486,7 +491,7 @@ class Trainer:
             epoch = self.epoch
             while self.step < self.total_steps and self.epoch == epoch:
                 micro_batches = [next(iterator) for _ in range(self.grad_accum)]
-                loss, tokens, grad_norm = self._train_step(micro_batches)
+                loss, tokens, grad_norm, lrs = self._train_step(micro_batches)
                 self.step += 1
                 self.samples_in_epoch += self.global_batch_size
                 epoch_position = self.epoch + self.samples_in_epoch / epoch_samples
@@ -497,7 +502,6 @@ class Trainer:
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     rate = len(window) * self.global_batch_size / max(elapsed, 1e-9)
-                    lrs = self._lrs()
                     self._log(
                         {
                             "step": self.step,
