@@ -6,7 +6,7 @@ of that; a ConvNeXt is convolutional, so its time grows linearly with pixels, an
 tokens the LLM must prefill by 4. Prints a markdown table plus fitted growth exponents
 (time ~ pixels^k for vision, time ~ tokens^k for prefill).
 
-    .venv/bin/python benchmarks/convllava.py [--geometry scaled|real] [--cap 10] [--resolutions 336,448,...]
+    .venv/bin/python benchmarks/convllava.py [--geometry scaled|real] [--cap 30] [--resolutions 336,448,...]
 
 Geometry: `real` is CLIP ViT-L/14 (1024 wide, 24 layers) and ConvNeXt-L (depths 3/3/27/3, widths
 192..1536) + stage 5 (6 blocks, 3072 wide); on a CPU its large resolutions take minutes per cell.
@@ -20,8 +20,10 @@ Inputs: the ViT takes the side rounded down to a multiple of 14 (position embedd
 ConvNeXt takes the side rounded to the nearest multiple of its stride, as unillava's `any` mode does
 (336 -> 352 / 320, 672 -> 672 / 704). A cell whose time, extrapolated from the smaller resolutions of
 its row, would pass `--cap` seconds is skipped and shown as "skipped (>N s)". Times are seconds, fp32,
-batch 1, the best of up to 3 runs after a warm-up, on `--threads` CPU threads (default 1: on a shared
-machine a multi-threaded op stalls whenever one of its threads is descheduled).
+batch 1, the best of up to 3 runs after a warm-up (cells of 3 s or more: the warm-up run alone), on
+`--threads` CPU threads (default 1: on a shared machine a multi-threaded op stalls whenever one of its
+threads is descheduled). Every cell is measured on its own, so the spread between equal token counts
+in different rows shows the noise.
 """
 
 from __future__ import annotations
@@ -82,20 +84,20 @@ class Row:
     work: dict[int, int] = field(default_factory=dict)
 
 
-def best_time(fn: Callable[[], Any], cap: float) -> float:
-    """Best of 1-3 timed runs after one warm-up run.
+def best_time(fn: Callable[[], Any]) -> float:
+    """Best of 1-3 timed runs after one warm-up run; a warm-up of 3 s or more is the measurement.
 
-    The warm-up absorbs one-time costs (oneDNN builds convolution kernels per input shape); the best
-    of the rest is the least disturbed by other processes on a shared machine. A warm-up slower than
-    `cap` is the measurement itself, and slow cells get fewer repeats.
+    The warm-up absorbs one-time costs (oneDNN builds convolution kernels per input shape), which are
+    negligible next to a slow cell; the best of the rest is the least disturbed by other processes on a
+    shared machine.
     """
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    if first > cap:
+    if first >= 3.0:
         return first
     times = []
-    for _ in range(3 if first < 1.0 else 2 if first < 3.0 else 1):
+    for _ in range(3 if first < 1.0 else 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -122,18 +124,23 @@ def measure(row: Row, resolution: int, work: int, fn: Callable[[], Any], cap: fl
     if guess is not None and guess > cap or None in row.cells.values():
         row.cells[resolution] = None
         return
-    row.cells[resolution] = best_time(fn, cap)
+    row.cells[resolution] = best_time(fn)
 
 
 def exponent(row: Row) -> str:
-    """Least-squares slope of log(time) on log(work) over the measured cells."""
+    """Growth exponent over the measured cells (least squares on logs) and over the last step alone.
+
+    At small sizes a ViT's linear layers dominate and its attention's square only shows at the top, so
+    the last step says more about where the curve is heading than the fit over all cells.
+    """
     points = [(math.log(row.work[r]), math.log(t)) for r, t in row.cells.items() if t]
     if len(points) < 2:
         return "n/a"
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return f"{slope:.2f}"
+    (x0, y0), (x1, y1) = points[-2:]
+    return f"{slope:.2f} (last step {(y1 - y0) / (x1 - x0):.2f})"
 
 
 def nearest_multiple(value: int, multiple: int) -> int:
@@ -146,7 +153,7 @@ def main() -> None:
     )
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="scaled")
     parser.add_argument("--resolutions", default="336,448,672,768,1024,1536")
-    parser.add_argument("--cap", type=float, default=10.0, help="skip cells estimated to take longer (s)")
+    parser.add_argument("--cap", type=float, default=30.0, help="skip cells estimated to take longer (s)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is steadiest under load)"
     )
@@ -191,7 +198,6 @@ def main() -> None:
     sides: dict[str, dict[int, int]] = {n: {} for n in names}
     vision = {n: Row(n) for n in names}
     prefill_rows = {n: Row(n) for n in names}
-    prefill_cache: dict[int, float | None] = {}
     with torch.inference_mode():
         vit(torch.zeros(1, 3, 336, 336))  # warm-up: first calls allocate and pick kernels
         for tower in towers.values():
@@ -212,13 +218,7 @@ def main() -> None:
                     run = tower_call(tower, pixels)
                 tokens[name][res], sides[name][res] = n, side
                 measure(vision[name], res, side * side, run, args.cap)
-                row = prefill_rows[name]
-                if n in prefill_cache and prefill_cache[n] is not None:
-                    row.work[res], row.cells[res] = n + TEXT_TOKENS, prefill_cache[n]
-                else:
-                    measure(row, res, n + TEXT_TOKENS, prefill(n), args.cap)
-                    if row.cells[res] is not None:
-                        prefill_cache[n] = row.cells[res]
+                measure(prefill_rows[name], res, n + TEXT_TOKENS, prefill(n), args.cap)
 
     def cell(row: Row, res: int) -> str:
         value = row.cells.get(res)
