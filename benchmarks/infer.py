@@ -79,12 +79,12 @@ def main() -> None:
             stop = ours.processor.stop_token_ids
             common = {"do_sample": False, "pad_token_id": ours.tokenizer.pad_token_id, "eos_token_id": stop}
 
-            def run_ours(n: int, batch=batch) -> None:
+            def run_ours(n: int, ours=ours, batch=batch, common=common) -> None:
                 with torch.inference_mode():
                     ours.model.generate(batch.input_ids, attention_mask=batch.attention_mask, images=batch.images,
                                         max_new_tokens=n, min_new_tokens=n, **common)
 
-            def run_theirs(n: int, batch=batch, pixels=pixels) -> None:
+            def run_theirs(n: int, theirs=theirs, batch=batch, pixels=pixels, common=common) -> None:
                 with torch.inference_mode():
                     theirs.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,
                                     max_new_tokens=n, min_new_tokens=n, **common)

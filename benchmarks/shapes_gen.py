@@ -1,7 +1,9 @@
 """Throughput of the shapes benchmark generator (render + PNG + GT + task files).
 
 The target is 10,000 512-px scenes in under two minutes on a 2-core machine. Prints a markdown
-table: scenes/s, the implied seconds for 10k scenes, and MB written.
+table: scenes/s, the implied seconds for 10k scenes, MB written, and the CPU seconds used by this
+process and its workers. On a shared machine wall time depends on other load; CPU seconds divided
+by the number of cores ("idle s/10k") is what the run would take with the cores to itself.
 
     python benchmarks/shapes_gen.py --n 10000 --size 512
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -21,6 +24,11 @@ from unillava.data.shapes import generate_dataset
 def _dir_mb(path: Path, sub: str = "") -> float:
     root = path / sub if sub else path
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 1e6
+
+
+def _cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -44,7 +52,8 @@ def main() -> None:
     try:
         for difficulty in args.difficulty.split(","):
             out = scratch / difficulty
-            start = time.perf_counter()
+            load = os.getloadavg()[0]
+            cpu0, start = _cpu_seconds(), time.perf_counter()
             manifest = generate_dataset(
                 out,
                 args.n,
@@ -60,6 +69,8 @@ def main() -> None:
                 overwrite=True,
             )
             seconds = time.perf_counter() - start
+            cpu = _cpu_seconds() - cpu0
+            cores = min(workers, os.cpu_count() or 1)
             records = sum(manifest["splits"]["train"]["tasks"].values())
             rows.append(
                 (
@@ -68,9 +79,12 @@ def main() -> None:
                     seconds,
                     args.n / seconds,
                     10000 * seconds / args.n,
+                    cpu,
+                    10000 * cpu / cores / args.n,
                     _dir_mb(out),
                     _dir_mb(out, "images"),
                     records,
+                    load,
                 )
             )
             shutil.rmtree(out)
@@ -81,10 +95,16 @@ def main() -> None:
     print(
         f"\nshapes generator, {args.size}x{args.size} px, workers={workers}, tasks={args.tasks}, cpus={os.cpu_count()}\n"
     )
-    print("| difficulty | scenes | seconds | scenes/s | s per 10k | MB written | MB images | task records |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for d, n, s, rate, per10k, mb, mb_img, recs in rows:
-        print(f"| {d} | {n} | {s:.1f} | {rate:.1f} | {per10k:.1f} | {mb:.1f} | {mb_img:.1f} | {recs} |")
+    print(
+        "| difficulty | scenes | wall s | scenes/s | wall s/10k | CPU s | idle s/10k | MB written | MB images"
+        " | task records | load avg at start |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for d, n, s, rate, per10k, cpu, idle, mb, mb_img, recs, load in rows:
+        print(
+            f"| {d} | {n} | {s:.1f} | {rate:.1f} | {per10k:.1f} | {cpu:.1f} | {idle:.1f} | {mb:.1f} | {mb_img:.1f}"
+            f" | {recs} | {load:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -53,3 +53,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-model") / "model"
     LlavaModel.from_config(tiny_model_config()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose greedy answers are varied words rather than blank lines (larger random LM
+    weights), for tests that read or stream answers (serving, web page)."""
+    import torch
+
+    from unillava.modeling import LlavaModel
+    from unillava.testing import tiny_model_config
+
+    torch.manual_seed(0)
+    model = LlavaModel.from_config(tiny_model_config())
+    with torch.no_grad():
+        for param in model.language_model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.5)
+    path = tmp_path_factory.mktemp("chatty-model") / "model"
+    model.save_pretrained(path)
+    return path

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "demo_cmd",
     "export_cmd",
     "train_cmd",
+    "serve_cmd",
 ]
 
 

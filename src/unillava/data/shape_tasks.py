@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unillava.data.shapes import COLOR_NAMES, CORNERS, FINE_TEXT_MAX_FONT, SHAPES, SIZE_CLASSES, TEXT_CHARS
+from unillava.data.shapes import COLOR_NAMES, CORNERS, FINE_TEXT_MAX_FONT, SHAPES, TEXT_CHARS
 from unillava.errors import DataError
 
 ALL_TASKS: tuple[str, ...] = (
@@ -970,7 +970,6 @@ def build_scene_tasks(
 __all__ = [
     "ALL_TASKS",
     "JSONL_TASKS",
-    "SIZE_CLASSES",
     "attr_phrase",
     "build_scene_tasks",
     "describe",

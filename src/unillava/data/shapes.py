@@ -6,6 +6,9 @@ its *visible* pixels (after occlusion), so masks of one scene never overlap and 
 ground truth can actually be seen. Task files (VQA, referring segmentation, ...) are built from the
 scene dicts by :mod:`unillava.data.shape_tasks`.
 
+Characters are drawn inside their object (never beside it), in a spot that later objects may not
+cover, so every character in the ground truth is legible in the image.
+
 Everything random is drawn from a generator seeded by (split seed, scene index), so a scene does not
 depend on which worker rendered it or on how many scenes came before it.
 """
@@ -902,6 +905,18 @@ def generate_dataset(
         json.dump(manifest, fh, indent=2)
         fh.write("\n")
     return manifest
+
+
+_TASK_API = ("resolve_expression", "expression_text", "build_scene_tasks")
+
+
+def __getattr__(name: str) -> Any:
+    """Expose the task-side API here too; imported lazily because shape_tasks imports this module."""
+    if name in _TASK_API:
+        from unillava.data import shape_tasks
+
+        return getattr(shape_tasks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
