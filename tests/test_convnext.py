@@ -461,3 +461,27 @@ def test_tiny_convllava_config_builds_a_stride_64_model():
     assert config.model is not None
     tower = build_vision_tower(config.model.vision)
     assert tower.num_tokens(128, 128) == 4 and tower.hidden_size == 128
+
+
+def test_stage2_recipe_key_unfreezes_from_stage3(tmp_path):
+    """A stage-1 model saved with `unfreeze_from_stage: 5` trains stages 3-5 in stage 2 via the recipe key."""
+    from unillava.training.config import DataConfig
+    from unillava.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    stage1 = LlavaModel.from_config(_model_config(unfreeze_from_stage=5))
+    stage1.save_pretrained(tmp_path / "stage1")
+    data = tmp_path / "data.jsonl"
+    Image.new("RGB", (SIZE, SIZE), "red").save(tmp_path / "red.png")
+    record = {"id": "a", "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+    data.write_text(json.dumps(record) + "\n")
+    config = TrainConfig(
+        init_from=str(tmp_path / "stage1"), data=DataConfig(train_files=[str(data)], image_root=str(tmp_path),
+                                                            num_workers=0),
+        train_vision=True, vision_unfreeze_from_stage=3, max_steps=1, per_device_batch_size=1,
+        output_dir=str(tmp_path / "run"), progress=False,
+    )
+    encoder = Trainer(config).model.vision_tower.model.encoder
+    trainable = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {"2", "3", "4"}  # zero-based: stages 3, 4 and 5

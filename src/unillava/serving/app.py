@@ -336,13 +336,20 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             )
         return encoded, pixels
 
+    def busy() -> APIError:
+        return APIError(429, "the server is busy: its request queue is full, retry later", type="rate_limit_error",
+                        code="queue_full")
+
     async def admit(req: ChatCompletionRequest, channel: _Channel) -> Job:
         if req.model is not None and req.model != config.model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{config.model_name}'",
                            param="model", code="model_not_found")
-        if not batcher.has_room():
-            raise APIError(429, "the server is busy: its request queue is full, retry later", type="rate_limit_error",
-                           code="queue_full")
+        try:
+            batcher.check_room()
+        except QueueFullError:
+            raise busy() from None
+        except BatcherStoppedError as err:
+            raise APIError(503, str(err), type="server_error", code="unavailable") from None
         conversation, images = await build_conversation(req)
         pixel_task = None
         if req.visual_prompts or req.return_masks:
@@ -386,8 +393,7 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
         try:
             batcher.submit(job)
         except QueueFullError:
-            raise APIError(429, "the server is busy: its request queue is full, retry later", type="rate_limit_error",
-                           code="queue_full") from None
+            raise busy() from None
         except BatcherStoppedError as err:
             raise APIError(503, str(err), type="server_error", code="unavailable") from None
         return job

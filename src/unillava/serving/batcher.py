@@ -247,17 +247,21 @@ class Batcher:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def has_room(self) -> bool:
+    def check_room(self) -> None:
+        """Raise now if a job could not be queued, so a request is refused before its images are decoded."""
         with self._cond:
-            return len(self._queue) < self.max_queue and not self._stopping
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if self._stopping or self._thread is None:
+            raise BatcherStoppedError("the server is not running")
+        if len(self._queue) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._stopping or self._thread is None:
-                raise BatcherStoppedError("the server is not running")
-            if len(self._queue) >= self.max_queue:
-                self.stats.rejected += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting)")
+            self._check_room()
             self._queue.append(job)
             self.stats.submitted += 1
             self.stats.prompt_tokens += job.prompt_tokens

@@ -52,6 +52,7 @@ class TrainConfig:
     train_projector: bool = True
     train_llm: str = "none"
     train_vision: bool = False
+    vision_unfreeze_from_stage: int | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     lr: float = 2e-5
     projector_lr: float | None = None

@@ -213,6 +213,12 @@ class Trainer:
             model = LlavaModel.from_config(config.model, dtype=dtype)
         model.requires_grad_(False)
         model.projector.requires_grad_(config.train_projector)
+        if config.vision_unfreeze_from_stage is not None:
+            if not hasattr(model.vision_tower, "set_unfreeze_from_stage"):
+                raise ConfigError(
+                    f"vision_unfreeze_from_stage: the {model.config.vision.type!r} tower has no stages to choose"
+                )
+            model.vision_tower.set_unfreeze_from_stage(config.vision_unfreeze_from_stage)
         model.vision_tower.requires_grad_(config.train_vision)
         model.language_model.config.use_cache = False
         if config.gradient_checkpointing:
