@@ -196,3 +196,19 @@ def test_sampling_is_seeded(model):
     a = lm.generate("tell me", max_new_tokens=8, temperature=1.0, seed=3)
     b = lm.generate("tell me", max_new_tokens=8, temperature=1.0, seed=3)
     assert a == b
+
+
+def test_supervised_only_loss_equals_full_logits_loss(model):
+    """Training's `loss_reduction="sum"` projects only supervised positions; it must equal the plain sum."""
+    processor = Processor.for_model(model)
+    image = [torch.randn(3, 32, 32)]
+    encoded = [processor.encode(_conversation()[:2], image), processor.encode([user_message("hi"), Message("assistant", ["yes"])], [])]
+    batch = processor.collate(encoded, [image, []], padding_side="right")
+    full = model(batch.input_ids, batch.attention_mask, batch.images).logits
+    expected = torch.nn.functional.cross_entropy(
+        full[:, :-1].reshape(-1, full.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    summed = model(batch.input_ids, batch.attention_mask, batch.images, labels=batch.labels, loss_reduction="sum")
+    assert summed.logits is None
+    torch.testing.assert_close(summed.loss, expected, rtol=1e-5, atol=1e-4)

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AddedToken, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from unillava.config import ModelConfig, from_dict
+from unillava.conversation import IGNORE_INDEX
 from unillava.errors import CheckpointError
 from unillava.llm import build_language_model_from_config, load_language_model
 from unillava.projector import build_projector
@@ -164,12 +166,28 @@ class LlavaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         images: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
+        loss_reduction: str | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
+        """With `loss_reduction="sum"` (training), logits are computed only where a label is supervised and
+        `loss` is the summed next-token cross-entropy in float32; `logits` is then None. That skips the
+        vocabulary projection of every prompt and image position, a large share of a small LLM's compute.
+        """
         inputs_embeds = self.embed_inputs(input_ids, images)
-        return self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
-        )
+        if loss_reduction is None:
+            return self.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs
+            )
+        if loss_reduction != "sum" or labels is None:
+            raise ValueError('loss_reduction="sum" is the only reduction and needs labels')
+        hidden = self.language_model.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.language_model.get_output_embeddings()(hidden[:, :-1][supervised])
+        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(

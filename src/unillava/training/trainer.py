@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
 from unillava.config import to_dict
-from unillava.conversation import IGNORE_INDEX
 from unillava.data.dataset import (
     DataReport,
     ModalityLengthGroupedSampler,
@@ -82,16 +80,6 @@ def check_qlora_support() -> None:
 def _use_cpu() -> bool:
     """Train on CPU (gloo for several processes) when there is no CUDA device."""
     return not torch.cuda.is_available()
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over supervised positions, in float32."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
 
 
 def _param_part(name: str) -> str:
@@ -436,9 +424,11 @@ class Trainer:
                     input_ids=batch.input_ids,
                     attention_mask=batch.attention_mask,
                     images=batch.images,
+                    labels=batch.labels,
+                    loss_reduction="sum",
                     use_cache=False,
                 )
-                summed = token_loss_sum(out.logits, batch.labels)
+                summed = out.loss
                 acc.backward(summed * scale)
                 loss_sum += summed.detach()
                 if acc.sync_gradients:

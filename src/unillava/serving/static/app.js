@@ -157,7 +157,9 @@
         state.prompts = [];
         const img = $("image");
         img.src = url;
-        for (const id of ["mask-layer", "prompt-layer"]) { $(id).width = width; $(id).height = height; }
+        // Small images get finer overlay canvases, so outlines and labels stay sharp when scaled up.
+        const k = Math.min(4, Math.max(1, Math.ceil(800 / Math.max(width, height))));
+        for (const id of ["mask-layer", "prompt-layer"]) { $(id).width = width * k; $(id).height = height * k; }
         $("stage").hidden = false;
         $("dropzone").classList.add("has-image");
         clearMasks();
@@ -183,8 +185,12 @@
   function drawPrompts(preview) {
     const layer = $("prompt-layer");
     const ctx = layer.getContext("2d");
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
     ctx.clearRect(0, 0, layer.width, layer.height);
-    const line = Math.max(2, layer.width / 250);
+    const width = state.image ? state.image.width : layer.width;
+    const k = layer.width / width;
+    ctx.setTransform(k, 0, 0, k, 0, 0); // draw in image pixels
+    const line = Math.max(2 / k, width / 250);
     const all = preview ? [...state.prompts, preview] : state.prompts;
     all.forEach((p, i) => {
       ctx.lineWidth = line;
@@ -204,10 +210,10 @@
         ctx.stroke();
       }
       if (p !== preview) {
-        ctx.font = `${Math.max(10, Math.round(layer.width / 40))}px system-ui, sans-serif`;
+        ctx.font = `${Math.max(10 / k, width / 40)}px system-ui, sans-serif`;
         ctx.fillStyle = "#00e676";
         const [lx, ly] = p.type === "box" ? [p.box[0] + line, p.box[1] - line] : [p.point[0] + line * 4, p.point[1]];
-        ctx.fillText(String(i + 1), lx, Math.max(12, ly));
+        ctx.fillText(String(i + 1), lx, Math.max(12 / k, ly));
       }
     });
     const list = $("prompt-list");
@@ -229,11 +235,11 @@
   }
 
   function toImagePixels(event) {
-    const layer = $("prompt-layer");
-    const rect = layer.getBoundingClientRect();
-    const x = (event.clientX - rect.left) * layer.width / rect.width;
-    const y = (event.clientY - rect.top) * layer.height / rect.height;
-    return [Math.min(Math.max(x, 0), layer.width), Math.min(Math.max(y, 0), layer.height)];
+    const { width, height } = state.image;
+    const rect = $("prompt-layer").getBoundingClientRect();
+    const x = (event.clientX - rect.left) * width / rect.width;
+    const y = (event.clientY - rect.top) * height / rect.height;
+    return [Math.min(Math.max(x, 0), width), Math.min(Math.max(y, 0), height)];
   }
 
   function setupDrawing() {
