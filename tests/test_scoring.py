@@ -60,6 +60,24 @@ def test_vqa_scores_counts_and_breakdown() -> None:
     assert results_table(out).row_count > 5
 
 
+def test_long_style_vqa_counts_the_short_answer_inside_the_sentence() -> None:
+    anns = [
+        {"id": "l1", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["2", "two"], "style": "long"},
+        {"id": "l2", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["left"], "style": "long"},
+        {"id": "l3", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["red"], "style": "long"},
+        {"id": "s1", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["red"], "style": "short"},
+    ]
+    preds = [
+        {"id": "l1", "text": "There are two blue stars."},
+        {"id": "l2", "text": "The circle is to the right of it."},
+        {"id": "l3", "text": "It is reddish."},
+        {"id": "s1", "text": "The shape is red."},
+    ]
+    out = score_task("vqa", preds, anns)
+    # l1 right (number word normalised), l2 and l3 wrong (whole words only), s1 wrong (short style is strict).
+    assert out["metrics"]["accuracy"] == pytest.approx(1 / 4)
+
+
 def test_score_files_reads_directory_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     ann_dir = tmp_path / "tasks" / "val"
     write_jsonl(ann_dir / "fine_count.jsonl", [

@@ -426,3 +426,10 @@ def test_pixel_prompts_are_validated(pixel):
             assert response.json()["error"]["param"] == param
         else:
             assert "masks" not in response.json()["choices"][0]["message"]
+
+
+def test_serve_command_checks_its_flags(chatty_model_dir, capsys):
+    from unillava.cli import main
+
+    assert main(["serve", "--model", str(chatty_model_dir), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err

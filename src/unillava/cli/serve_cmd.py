@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -15,12 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model directory (unillava, llava-hf or original LLaVA)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise)")
+    p.add_argument("--api-key", default=os.environ.get("UNILLAVA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); default: $UNILLAVA_API_KEY, "
+                   "which keeps the key out of the process list")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="most requests run together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long the worker waits for more requests to fill a batch")
+    p.add_argument("--batch-wait-ms", type=float, default=250.0,
+                   help="longest a forming batch waits for requests still being received and encoded")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let requests name http(s) image URLs that the server then fetches")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request is given up (504)")

@@ -134,6 +134,12 @@ def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
     return total / len(answers)
 
 
+def answer_in_sentence(sentence: str, answers: Sequence[str]) -> float:
+    """1.0 if any VQA-normalised answer occurs in the VQA-normalised sentence as whole words, else 0.0."""
+    words = f" {normalize_vqa_answer(sentence)} "
+    return float(any(f" {normalize_vqa_answer(a)} " in words for a in answers if normalize_vqa_answer(a)))
+
+
 def normalize_exact(text: str) -> str:
     """Lower-case, collapse (Unicode) whitespace, strip the ends and any trailing periods."""
     collapsed = " ".join(text.lower().split())

@@ -283,8 +283,19 @@ def _by_qtype(anns: Sequence[_Annotation], columns: Mapping[str, Sequence[float]
     }
 
 
+def _vqa_accuracy(ann: _Annotation, pred: _Prediction | None) -> float:
+    """Short-style questions use the official VQA accuracy. Long-style ones (asked without the
+    response-format prompt, answered by a sentence) count as right when a normalised short answer
+    appears in the normalised sentence as whole words: a rule of ours, as VQAv2 has no long answers."""
+    if pred is None:
+        return 0.0
+    if ann.data.get("style") == "long":
+        return metrics.answer_in_sentence(pred.text, ann.data["answers"])
+    return metrics.vqa_accuracy(pred.text, ann.data["answers"])
+
+
 def _score_vqa(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
-    acc = [0.0 if p is None else metrics.vqa_accuracy(p.text, a.data["answers"]) for a, p in zip(anns, preds, strict=True)]
+    acc = [_vqa_accuracy(a, p) for a, p in zip(anns, preds, strict=True)]
     em = [0.0 if p is None else metrics.exact_match(p.text, a.data["answers"]) for a, p in zip(anns, preds, strict=True)]
     return {
         "metrics": {"accuracy": _mean(acc), "exact_match": _mean(em)},

@@ -60,7 +60,7 @@ class ServerConfig:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    batch_wait_ms: float = 10.0
+    batch_wait_ms: float = 250.0
     allow_remote_images: bool = False
     request_timeout: float = 300.0
     max_body_bytes: int = 32 * 1024 * 1024
@@ -107,6 +107,22 @@ class _Gone(Exception):
 def _sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
+
+
+class _JobStream(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends, even if the client left before the
+    first chunk (an async generator that never started never runs its `finally`)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -426,9 +442,10 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
     async def chat_completions(request: Request) -> Response:
         deadline = time.monotonic() + config.request_timeout
         check_key(request)
-        req = parse_request(await read_body(request))
         channel = _Channel(asyncio.get_running_loop())
-        job = await admit(req, channel)
+        with batcher.admission():
+            req = parse_request(await read_body(request))
+            job = await admit(req, channel)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": 0, "total_tokens": job.prompt_tokens}
@@ -477,37 +494,35 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             return _sse(body)
 
         async def events() -> AsyncIterator[str]:
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    try:
-                        event = await next_event(channel, job, deadline, request)
-                    except _TimedOut:
-                        yield _sse(timed_out().body())
-                        break
-                    except _Gone:
-                        return
-                    if event.kind == "delta":
-                        yield chunk({"content": event.text})
-                        continue
-                    if event.kind == "error" or event.finish_reason == "cancelled":
-                        yield _sse(failure(event).body())
-                        break
-                    yield chunk({"masks": event.masks} if req.return_masks else {}, event.finish_reason)
-                    if include_usage:
-                        yield _sse({
-                            "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": config.model_name, "choices": [], "usage": finish_usage(event),
-                        })
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    event = await next_event(channel, job, deadline, request)
+                except _TimedOut:
+                    yield _sse(timed_out().body())
                     break
-                yield _sse("[DONE]")
-            finally:
-                if not job.finished.is_set():
-                    batcher.cancel(job, "disconnect")
+                except _Gone:
+                    return
+                if event.kind == "delta":
+                    yield chunk({"content": event.text})
+                    continue
+                if event.kind == "error" or event.finish_reason == "cancelled":
+                    yield _sse(failure(event).body())
+                    break
+                yield chunk({"masks": event.masks} if req.return_masks else {}, event.finish_reason)
+                if include_usage:
+                    yield _sse({
+                        "id": completion_id, "object": "chat.completion.chunk", "created": created,
+                        "model": config.model_name, "choices": [], "usage": finish_usage(event),
+                    })
+                break
+            yield _sse("[DONE]")
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        def closed() -> None:
+            if not job.finished.is_set():  # the client left early: free its place in the batch
+                batcher.cancel(job, "disconnect")
+
+        return _JobStream(events(), closed)
 
     return app
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,8 @@ from unillava.conversation import Encoded, Message
 from unillava.inference import GenerationSettings, InferenceModel
 
 log = logging.getLogger("unillava.serving")
+
+GRACE_SECONDS = 0.005  # how long a new batch always waits for company
 
 
 class QueueFullError(Exception):
@@ -203,7 +205,7 @@ class Batcher:
         *,
         max_batch: int = 8,
         max_queue: int = 64,
-        batch_wait: float = 0.01,
+        batch_wait: float = 0.25,
         threads: int | None = None,
         pixel_hook: Callable[..., tuple[str, list[dict[str, Any]]]] | None = None,
         encode_mask: Callable[..., dict[str, Any]] | None = None,
@@ -221,6 +223,7 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._running: list[Job] = []
+        self._admitting = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -246,6 +249,18 @@ class Batcher:
             self._thread.join(timeout)
 
     # -- admission ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[None]:
+        """Mark a request as being read and encoded, so a forming batch may wait for it (see `_next_batch`)."""
+        with self._cond:
+            self._admitting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._admitting -= 1
+                self._cond.notify_all()
 
     def check_room(self) -> None:
         """Raise now if a job could not be queued, so a request is refused before its images are decoded."""
@@ -318,7 +333,13 @@ class Batcher:
         job.sink(event)
 
     def _next_batch(self) -> list[Job] | None:
-        """Block for the first job, then gather compatible ones for up to `batch_wait` seconds."""
+        """Block for the first job, then gather compatible ones.
+
+        Clients that were answered together come back together, but their requests finish arriving and
+        encoding a little apart; starting at once would run the first alone and make the rest wait for it.
+        So the batch waits a short grace period, and beyond it only while requests are still being
+        admitted, never longer than `batch_wait` in all.
+        """
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -327,15 +348,17 @@ class Batcher:
             first = self._queue.popleft()
             batch = [first]
             key = first.batch_key()
-            deadline = time.monotonic() + self.batch_wait
+            start = time.monotonic()
+            grace, deadline = start + min(self.batch_wait, GRACE_SECONDS), start + self.batch_wait
             while len(batch) < self.max_batch and key[0] != "alone":
                 for job in [j for j in self._queue if j.batch_key() == key][: self.max_batch - len(batch)]:
                     self._queue.remove(job)
                     batch.append(job)
-                remaining = deadline - time.monotonic()
-                if len(batch) >= self.max_batch or remaining <= 0 or self._stopping:
+                now = time.monotonic()
+                hold = grace if self._admitting == 0 else deadline
+                if len(batch) >= self.max_batch or now >= hold or self._stopping:
                     break
-                self._cond.wait(remaining)
+                self._cond.wait(hold - now)
             self._running = batch
             self.stats.batch_sizes[len(batch)] += 1
             return batch

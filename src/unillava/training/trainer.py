@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -135,6 +136,11 @@ class Trainer:
         cpu = _use_cpu()
         state = PartialState(cpu=cpu)
         self.grad_accum = config.gradient_accumulation_for(state.num_processes)
+        # accelerate keeps precision and accumulation in process-wide singletons; a second stage in the same
+        # process (the demo, benchmarks, notebooks) may differ, so start them afresh. The process group
+        # (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = Accelerator(
             cpu=cpu,
             mixed_precision="bf16" if config.bf16 else "no",

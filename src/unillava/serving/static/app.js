@@ -4,7 +4,7 @@
 
 (function () {
   const MAX_SIDE = 2048; // larger uploads are downscaled before sending, so requests stay small
-  const COLORS = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180],
+  const COLORS = [[0, 130, 200], [60, 180, 75], [230, 25, 75], [245, 130, 48], [145, 30, 180],
     [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 190], [0, 128, 128]];
 
   const $ = (id) => document.getElementById(id);
