@@ -294,7 +294,7 @@ def test_timm_unknown_and_missing_keys_are_listed():
         convert_timm_convnext({**state, "visual.trunk.stages.0.blocks.0.extra.weight": torch.zeros(1)})
     del state["visual.trunk.stages.2.downsample.1.bias"]
     with pytest.raises(
-        CheckpointError, match=r"missing weight\(s\) \[encoder\.stages\.2\.downsampling_layer\.1\.bias"
+        CheckpointError, match=r"missing key\(s\) \[encoder\.stages\.2\.downsampling_layer\.1\.bias"
     ):
         convert_timm_convnext(state)
     with pytest.raises(CheckpointError, match="no `stem.0.weight`"):

@@ -25,6 +25,7 @@ from unillava.errors import CheckpointError
 from unillava.llm import build_language_model_from_config, load_language_model
 from unillava.projector import build_projector
 from unillava.vision import VisionTower, build_vision_tower
+from unillava.weights import check_state_dict
 
 CONFIG_NAME = "unillava_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -103,18 +104,7 @@ class LlavaModel(nn.Module):
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load weights, naming missing and unexpected keys; tied LM-head weights may be absent."""
-        own = self.state_dict()
-        tied = set(self._tied_keys())
-        missing = sorted(k for k in own if k not in state and k not in tied)
-        unexpected = sorted(k for k in state if k not in own)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source}: {len(missing)} missing key(s) {missing[:5]}, "
-                f"{len(unexpected)} unexpected key(s) {unexpected[:5]}"
-            )
-        for key, tensor in state.items():
-            if own[key].shape != tensor.shape:
-                raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
+        check_state_dict(self.state_dict(), state, source, optional=set(self._tied_keys()))
         self.load_state_dict(state, strict=False)
         self.language_model.tie_weights()
 

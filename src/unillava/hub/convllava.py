@@ -22,6 +22,7 @@ from transformers import ConvNextConfig, ConvNextModel
 
 from unillava.config import VisionConfig
 from unillava.errors import CheckpointError
+from unillava.weights import check_state_dict, key_list
 
 # The pooled-output norm of ConvNextModel: the tower never uses it (features are the raw last-stage
 # map), so a checkpoint may lack it or carry one of another width (ConvLLaVA appends stage 5 without
@@ -60,11 +61,6 @@ _TIMM_BLOCK_PARTS = {
 _TIMM_DROPPED = ("head.fc.weight", "head.fc.bias")
 _TIMM_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _TIMM_DOWNSAMPLE = re.compile(r"^stages\.(\d+)\.downsample\.([01])\.(weight|bias)$")
-
-
-def _key_list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
@@ -125,19 +121,7 @@ def normalize_convnext_config(data: Mapping[str, Any], where: str) -> ConvNextCo
 
 def check_and_load(model: ConvNextModel, state: Mapping[str, torch.Tensor], source: str) -> ConvNextModel:
     """Load `state` into `model`, refusing missing, unknown or misshapen keys (final norm optional)."""
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state and k not in FINAL_NORM_KEYS)
-    unexpected = sorted(k for k in state if k not in own)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: {len(missing)} missing key(s) [{_key_list(missing)}], "
-            f"{len(unexpected)} unused key(s) [{_key_list(unexpected)}]"
-        )
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
-    ]
-    if wrong:
-        raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {_key_list(wrong)}")
+    check_state_dict(model.state_dict(), state, source, optional=FINAL_NORM_KEYS)
     model.load_state_dict(dict(state), strict=False)
     return model
 
@@ -217,7 +201,7 @@ def convert_timm_convnext(
         has_gamma = has_gamma or part == "gamma"
         out[f"encoder.stages.{stage}.layers.{block}.{_TIMM_BLOCK_PARTS[part]}"] = tensor
     if unknown:
-        raise CheckpointError(f"timm ConvNeXt: {len(unknown)} unknown key(s) [{_key_list(sorted(unknown))}]")
+        raise CheckpointError(f"timm ConvNeXt: {len(unknown)} unknown key(s) [{key_list(sorted(unknown))}]")
     if "embeddings.patch_embeddings.weight" not in out:
         raise CheckpointError(f"timm ConvNeXt: no stem weights under prefix {prefix!r}")
     n_stages = max(blocks, default=-1) + 1
@@ -243,19 +227,7 @@ def convert_timm_convnext(
     )
     with torch.device("meta"):
         skeleton = ConvNextModel(config)
-    own = skeleton.state_dict()
-    missing = sorted(k for k in own if k not in out and k not in FINAL_NORM_KEYS)
-    extra = sorted(k for k in out if k not in own)
-    if missing or extra:
-        raise CheckpointError(
-            f"timm ConvNeXt: {len(missing)} missing weight(s) [{_key_list(missing)}], "
-            f"{len(extra)} unused [{_key_list(extra)}]"
-        )
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in out.items() if v.shape != own[k].shape
-    ]
-    if wrong:
-        raise CheckpointError(f"timm ConvNeXt: shape mismatch (checkpoint vs model): {_key_list(wrong)}")
+    check_state_dict(skeleton.state_dict(), out, "timm ConvNeXt", optional=FINAL_NORM_KEYS)
     return config, out
 
 

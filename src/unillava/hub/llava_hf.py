@@ -30,6 +30,7 @@ from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
 from unillava.projector import build_projector
 from unillava.vision import VisionTower, build_vision_tower
+from unillava.weights import key_list
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -105,11 +106,6 @@ def _read_sharded(index_file: Path) -> dict[str, torch.Tensor]:
             f"{index_file}: {len(absent)} indexed tensor(s) not in their shards: {absent[:5]}"
         )
     return state
-
-
-def _key_list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def rename_keys(
@@ -204,9 +200,9 @@ def assemble(
     if stray or missing or problems:
         lines = []
         if stray:
-            lines.append(f"{len(stray)} unused key(s): {_key_list(sorted(stray))}")
+            lines.append(f"{len(stray)} unused key(s): {key_list(sorted(stray))}")
         if missing:
-            lines.append(f"{len(missing)} weight(s) missing (unillava names): {_key_list(sorted(missing))}")
+            lines.append(f"{len(missing)} weight(s) missing (unillava names): {key_list(sorted(missing))}")
         lines += problems[:5]
         raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(lines))
     tower.load_state_dict(parts["vision_tower"], strict=False)
