@@ -1,4 +1,4 @@
-"""`unillava eval`: generate predictions on task files and score them."""
+"""`unillava eval`: generate predictions on procedural task files or on the papers' benchmarks, and score them."""
 
 from __future__ import annotations
 
@@ -7,41 +7,95 @@ from pathlib import Path
 
 from unillava.errors import UnillavaError
 
+# Kept here (not imported) so building the parser stays cheap; checked against the registry at run time.
+BENCHMARK_SUITES = ("llava-1.5", "convllava", "omg-llava")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="evaluate a model on procedural task files")
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on procedural task files or on the papers' benchmarks",
+        description="With --task/--suite shapes: procedural task files written by `unillava data shapes`. "
+        "With --benchmark NAME or --suite llava-1.5|convllava|omg-llava: the papers' benchmarks, read from "
+        "their released files under --data (see docs/evaluation.md).",
+    )
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True, help="a directory written by `unillava data shapes`")
+    parser.add_argument("--data", required=True,
+                        help="`unillava data shapes` output, or the directory holding the benchmarks' folders")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--task", action="append", help="a task name; repeat for several")
-    group.add_argument("--suite", choices=["shapes"], help="every task of a suite")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="first N samples of each task")
+    group.add_argument("--task", action="append", help="a procedural task name; repeat for several")
+    group.add_argument("--benchmark", action="append", help="a benchmark name (e.g. pope, mme, gqa); repeat for several")
+    group.add_argument("--suite", choices=["shapes", *BENCHMARK_SUITES],
+                       help="every task of the shapes suite, or every benchmark of a paper whose data exists")
+    parser.add_argument("--split", default=None,
+                        help="shapes: default test; benchmarks: default each benchmark's paper split")
+    parser.add_argument("--limit", type=int, default=None, help="first N samples of each task or benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--out", default=None, help="output directory (default: MODEL/eval-SPLIT)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default 128 for tasks; for benchmarks each benchmark's own default")
+    parser.add_argument("--out", default=None, help="output directory (default: MODEL/eval-SPLIT or MODEL/eval-BENCHMARKS)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="benchmarks: evaluate the rest when some records are invalid (they are counted and listed)")
+    parser.add_argument("--no-meteor", action="store_true", help="benchmarks: skip METEOR (needs Java)")
+    parser.add_argument("--judge-endpoint", default=None,
+                        help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) for MM-Vet / LLaVA-Bench")
+    parser.add_argument("--judge-model", default=None, help="the judge model's name on that server")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import unillava
-    from unillava.evaluation.runner import SUITES, evaluate, print_summary
-
     if args.limit is not None and args.limit < 1:
         raise UnillavaError("--limit must be at least 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UnillavaError("--max-new-tokens must be at least 1")
     data = Path(args.data)
     if not data.is_dir():
         raise UnillavaError(f"{data}: data directory not found")
+    if args.benchmark or args.suite in BENCHMARK_SUITES:
+        return _run_benchmarks(args, data)
+    return _run_tasks(args, data)
+
+
+def _run_tasks(args: argparse.Namespace, data: Path) -> int:
+    import unillava
+    from unillava.evaluation.runner import SUITES, evaluate, print_summary
+
+    split = args.split or "test"
     tasks = list(SUITES[args.suite]) if args.suite else args.task
     if args.suite:
-        tasks = [t for t in tasks if (data / "tasks" / args.split / f"{t}.jsonl").is_file()]
+        tasks = [t for t in tasks if (data / "tasks" / split / f"{t}.jsonl").is_file()]
     model = unillava.load(args.model, dtype=args.dtype)
-    out = Path(args.out) if args.out else Path(args.model) / f"eval-{args.split}"
+    out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}"
     summary = evaluate(
-        model, data, tasks, out, split=args.split, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        model, data, tasks, out, split=split, limit=args.limit, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens or 128,
     )
     print_summary(summary["tasks"])
+    print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
+    return 0
+
+
+def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
+    import unillava
+    from unillava.evaluation.real_runner import RunOptions, print_summary, resolve, run_benchmarks
+
+    if args.judge_endpoint and not args.judge_model:
+        raise UnillavaError("--judge-endpoint needs --judge-model (the judge's model name on that server)")
+    if args.batch_size < 1:
+        raise UnillavaError("--batch-size must be at least 1")
+    suite = args.suite if args.suite in BENCHMARK_SUITES else None
+    resolve(args.benchmark, suite)
+    label = suite or "-".join(args.benchmark)
+    out = Path(args.out) if args.out else Path(args.model) / f"eval-{label}"
+    opts = RunOptions(
+        split=args.split, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        skip_invalid=args.skip_invalid, meteor=not args.no_meteor, judge_endpoint=args.judge_endpoint,
+        judge_model=args.judge_model,
+    )
+    model = unillava.load(args.model, dtype=args.dtype)
+    summary = run_benchmarks(model, data, out, names=args.benchmark, suite=suite, opts=opts,
+                             model_name=Path(args.model).name)
+    print_summary(summary)
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
     return 0

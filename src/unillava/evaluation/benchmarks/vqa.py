@@ -163,15 +163,16 @@ class GQA(Benchmark):
     metric_note = "exact match after lower-casing and dropping a trailing period (GQA eval.py on LLaVA's converted answers)"
 
     def recognises(self, root: Path) -> bool:
-        return any(root.glob("*_balanced_questions.json")) or (root / "llava_gqa_testdev_balanced.jsonl").is_file()
+        return any(root.glob("*_balanced_questions.json")) or any(root.glob("data/*_balanced_questions.json"))
 
     def load(self, root: Path, split: str | None = None) -> LoadResult:
         split = split or self.default_split or "testdev"
         problems = Problems()
         images = image_dir(root, ("data/images", "images"))
-        q_path = root / f"{split}_balanced_questions.json"
-        if not q_path.is_file():
-            raise DataError(f"{root}: no {q_path.name} (GQA's question file holds the answers)")
+        q_path = first_existing(root, [f"{split}_balanced_questions.json", f"data/{split}_balanced_questions.json"])
+        if q_path is None:
+            raise DataError(f"{root}: no {split}_balanced_questions.json (GQA's question file holds the answers; "
+                            "also looked in data/)")
         raw = read_json(q_path)
         if not isinstance(raw, dict):
             raise DataError(f"{q_path}: expected a JSON object mapping question ids to questions")

@@ -1,0 +1,175 @@
+"""An lmms-eval model plugin, so `lmms-eval --model unillava --model_args pretrained=PATH --tasks mme` runs any
+lmms-eval task with a unillava model (ours, llava-hf or original LLaVA layouts).
+
+lmms-eval finds it through the entry-point group "lmms_eval.models" (its ModelRegistryV2, lmms-eval >= 0.5):
+`pyproject.toml` points that group at `manifest`, which returns a ModelManifest naming the class
+`unillava.evaluation.lmms_eval_plugin.Unillava`. lmms-eval is imported only when lmms-eval itself asks for
+the class, so unillava never depends on it.
+
+model_args: pretrained (required), dtype (float32 | bfloat16 | float16), device (cpu, cuda, cuda:0 ...),
+batch_size, max_new_tokens (default when a task sets none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MODEL_ID = "unillava"
+CLASS_PATH = "unillava.evaluation.lmms_eval_plugin.Unillava"
+
+
+def manifest() -> Any:
+    """The entry point's payload: lmms-eval's ModelManifest for `--model unillava`."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
+
+
+def __getattr__(name: str) -> Any:
+    # The class subclasses lmms-eval's base class, so it can only exist once lmms-eval is importable.
+    if name == "Unillava":
+        cls = _build_class()
+        globals()["Unillava"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _images(visuals: Any) -> list[Any]:
+    """PIL images from what a task's doc_to_visual returns (an image, a path, a list, or None)."""
+    from PIL import Image
+
+    from unillava.data.images import load_image
+    from unillava.errors import UnillavaError
+
+    if visuals is None:
+        return []
+    items = visuals if isinstance(visuals, list | tuple) else [visuals]
+    out = []
+    for visual in items:
+        if isinstance(visual, list | tuple):
+            out.extend(_images(visual))
+        elif isinstance(visual, Image.Image):
+            out.append(visual.convert("RGB") if visual.mode != "RGB" else visual)
+        elif isinstance(visual, str | Path) and Path(visual).suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"):
+            out.append(load_image(visual))
+        else:
+            raise UnillavaError(f"unillava's lmms-eval plugin takes images only, got {type(visual).__name__} {str(visual)[:80]!r}")
+    return out
+
+
+def _settings(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, Any]:
+    """Our generation settings from a task's gen_kwargs: greedy unless do_sample with temperature > 0."""
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else [str(u) for u in until]
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    sample = bool(gen_kwargs.get("do_sample", temperature > 0)) and temperature > 0
+    top_p = gen_kwargs.get("top_p")
+    return {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or default_max),
+        "temperature": temperature if sample else 0.0,
+        "top_p": float(top_p) if sample and top_p else 1.0,
+        "stop": until,
+    }
+
+
+def _build_class() -> type:
+    import torch
+    from lmms_eval.api.model import lmms
+    from tqdm import tqdm
+
+    from unillava.conversation import IMAGE_MARKER, user_message
+
+    class Unillava(lmms):
+        """unillava as an lmms-eval "simple" model: images go before the task's text in one user turn."""
+
+        is_simple = True
+
+        def __init__(
+            self,
+            pretrained: str,
+            dtype: str = "float32",
+            device: str = "cpu",
+            batch_size: int | str = 1,
+            max_new_tokens: int | str = 256,
+            **kwargs: Any,
+        ) -> None:
+            import unillava
+
+            self.pretrained = str(pretrained)
+            super().__init__()
+            self.lm = unillava.load(self.pretrained, dtype=str(dtype), device=str(device or "cpu"))
+            self.batch_size_per_gpu = max(1, int(batch_size or 1))
+            self.default_max_new_tokens = int(max_new_tokens)
+
+        def _visuals(self, doc_to_visual: Any, doc_id: Any, task: str, split: str) -> list[Any]:
+            if doc_to_visual is None:
+                return []
+            return _images(doc_to_visual(self.task_dict[task][split][doc_id]))
+
+        def generate_until(self, requests: Sequence[Any]) -> list[str]:
+            """Greedy answers (or sampled, if a task asks), batched among requests with the same settings."""
+            results: list[str | None] = [None] * len(requests)
+            groups: dict[str, list[int]] = {}
+            prepared = []
+            for i, request in enumerate(requests):
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+                settings = _settings(dict(gen_kwargs or {}), self.default_max_new_tokens)
+                images = self._visuals(doc_to_visual, doc_id, task, split)
+                text = context.replace(IMAGE_MARKER, "").strip()
+                prepared.append(([user_message(text, len(images))], images, settings, context, gen_kwargs))
+                groups.setdefault(repr(sorted(settings.items())), []).append(i)
+            bar = tqdm(total=len(requests), disable=self.rank != 0, desc="unillava generate")
+            for indices in groups.values():
+                for start in range(0, len(indices), self.batch_size_per_gpu):
+                    chunk = indices[start : start + self.batch_size_per_gpu]
+                    settings = prepared[chunk[0]][2]
+                    texts = self.lm.generate_conversations(
+                        [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk],
+                        batch_size=len(chunk), progress=bar, **settings,
+                    )
+                    for i, text in zip(chunk, texts, strict=True):
+                        results[i] = text
+                        self.cache_hook.add_partial("generate_until", (prepared[i][3], prepared[i][4]), text)
+            bar.close()
+            return [r if r is not None else "" for r in results]
+
+        def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+            """log P(continuation | images + context) under the chat template, and whether greedy decoding
+            would produce exactly the continuation."""
+            out = []
+            for request in tqdm(requests, disable=self.rank != 0, desc="unillava loglikelihood"):
+                context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
+                continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(
+                    self.task_dict[task][split][doc_id])
+                images = self._visuals(doc_to_visual, doc_id, task, split)
+                result = self._score(context.replace(IMAGE_MARKER, "").strip(), str(continuation), images)
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
+                out.append(result)
+            return out
+
+        @torch.inference_mode()
+        def _score(self, context: str, continuation: str, images: list[Any]) -> tuple[float, bool]:
+            model, processor = self.lm.model, self.lm.processor
+            pixels = processor.preprocess_images(images)
+            prompt = processor.encode([user_message(context, len(images))], pixels, add_generation_prompt=True).input_ids
+            target = processor.tokenizer(continuation, add_special_tokens=False).input_ids
+            if not target:
+                return 0.0, True
+            ids = torch.tensor([prompt + target], device=model.device)
+            enabled = model.dtype == torch.bfloat16
+            with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=enabled):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               images=[p.to(model.device) for p in pixels]).logits
+            scores = torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+            wanted = torch.tensor(target, device=scores.device)
+            logprob = scores.gather(1, wanted[:, None]).sum().item()
+            return float(logprob), bool((scores.argmax(dim=-1) == wanted).all().item())
+
+        def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
+            raise NotImplementedError("unillava's lmms-eval plugin does not implement multi-round generation")
+
+    Unillava.__module__ = __name__
+    Unillava.__qualname__ = "Unillava"
+    return Unillava

@@ -1,0 +1,457 @@
+"""Run a model on the papers' benchmarks: predict (resumable), score, judge, write results and a paper-style report.
+
+Layout of the output directory:
+
+    OUT/results.json                      every benchmark's results, plus skipped benchmarks and why
+    OUT/report.md                         the paper's table(s) with the reference numbers, then details
+    OUT/<benchmark>/predictions_<split>.jsonl   {"id", "text", "masks"?} per answered question, appended as
+                                          they come, so an interrupted run continues where it stopped
+    OUT/<benchmark>/results.json          this benchmark's results
+    OUT/<benchmark>/judge_requests.jsonl  judged benchmarks: OpenAI batch-format requests
+    OUT/<benchmark>/judge_replies.jsonl   judged benchmarks: the judge's replies (also resumable)
+    OUT/<benchmark>/<submission files>    the evaluation server's format, where a server scores the split
+
+Decoding is greedy. A model that can segment exposes
+`generate_with_masks(conversations, images, *, batch_size, max_new_tokens, progress) -> list[(text, masks)]`
+(masks as COCO RLE dicts); any other model is run for its text and its mask metrics are flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from unillava.conversation import user_message
+from unillava.errors import DataError, UnillavaError
+from unillava.evaluation.benchmarks import BENCHMARKS, PAPER_TABLES, SUITES, JudgeClient, get_benchmark
+from unillava.evaluation.benchmarks.base import Benchmark, EmbeddedImage, Item, Prediction, open_image
+
+FLAG_NO_MASKS = "model does not segment: it produced no masks, so mask metrics are 0"
+FLAG_NO_VISUAL_PROMPT = "model takes no visual prompts: the marked region was not given to it (prompt text only)"
+FLAG_AWAITING_JUDGE = "awaiting judge: rerun with --judge-endpoint URL --judge-model NAME (requests are in judge_requests.jsonl)"
+MAX_LISTED = 50
+
+
+@dataclass
+class RunOptions:
+    split: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    skip_invalid: bool = False
+    meteor: bool = True
+    judge_endpoint: str | None = None
+    judge_model: str | None = None
+    judge_backend: str = "auto"
+    judge_retries: int = 2
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictions on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def read_predictions(path: Path) -> tuple[dict[str, Prediction], int]:
+    """Predictions already made, and how many unreadable lines (a run killed mid-write) were dropped;
+    the file is rewritten without them so they are generated again."""
+    if not path.is_file():
+        return {}, 0
+    kept: list[str] = []
+    preds: dict[str, Prediction] = {}
+    dropped = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("text"), str):
+            dropped += 1
+            continue
+        preds[str(record["id"])] = Prediction(record["text"], record.get("masks"))
+        kept.append(line)
+    if dropped:
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    return preds, dropped
+
+
+def _generate(
+    model: Any, items: Sequence[Item], images: Sequence[list[Any]], *, masks: bool, max_new_tokens: int, bar: Any
+) -> list[tuple[str, list[dict[str, Any]] | None]]:
+    conversations = [[user_message(item.prompt, len(ims))] for item, ims in zip(items, images, strict=True)]
+    if masks:
+        out = model.generate_with_masks(conversations, list(images), batch_size=len(items),
+                                        max_new_tokens=max_new_tokens, progress=bar)
+        return [(text, list(m)) for text, m in out]
+    texts = model.generate_conversations(conversations, list(images), batch_size=len(items),
+                                         max_new_tokens=max_new_tokens, progress=bar)
+    return [(text, None) for text in texts]
+
+
+def predict(
+    model: Any,
+    bench: Benchmark,
+    items: Sequence[Item],
+    path: Path,
+    opts: RunOptions,
+) -> tuple[dict[str, Prediction], dict[str, Any]]:
+    """Answer the items not yet in `path` (appending as each batch finishes); returns all predictions and
+    bookkeeping: missing images, unreadable images or failed prompts (not written, retried on the next run)."""
+    preds, dropped = read_predictions(path)
+    missing = [(item.id, str(ref)) for item in items for ref in item.images
+               if not isinstance(ref, EmbeddedImage) and not ref.is_file()]
+    missing_ids = {item_id for item_id, _ in missing}
+    todo = [item for item in items if item.id not in preds and item.id not in missing_ids]
+    masks = bench.segmentation and callable(getattr(model, "generate_with_masks", None))
+    max_new = opts.max_new_tokens or bench.max_new_tokens
+    failed: list[str] = []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc=bench.name, unit="q", disable=not (opts.progress and todo))
+    with path.open("a", encoding="utf-8") as sink:
+        for start in range(0, len(todo), opts.batch_size):
+            chunk, images = [], []
+            for item in todo[start : start + opts.batch_size]:
+                try:
+                    images.append([open_image(ref) for ref in item.images])
+                    chunk.append(item)
+                except DataError as err:
+                    failed.append(f"{item.id}: {err}")
+                    bar.update(1)
+            outputs: list[tuple[Item, tuple[str, Any]]] = []
+            try:
+                outputs = list(zip(chunk, _generate(model, chunk, images, masks=masks, max_new_tokens=max_new, bar=bar),
+                                   strict=True))
+            except UnillavaError:
+                for item, ims in zip(chunk, images, strict=True):
+                    try:
+                        outputs.append((item, _generate(model, [item], [ims], masks=masks, max_new_tokens=max_new, bar=bar)[0]))
+                    except UnillavaError as err:
+                        failed.append(f"{item.id}: {err}")
+                        bar.update(1)
+            for item, (text, item_masks) in outputs:
+                record: dict[str, Any] = {"id": item.id, "text": text}
+                if item_masks is not None:
+                    record["masks"] = [_jsonable_rle(m) for m in item_masks]
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                preds[item.id] = Prediction(text, record.get("masks"))
+            sink.flush()
+    bar.close()
+    info = {
+        "missing_images": [f"{item_id}: image not found: {ref}" for item_id, ref in missing],
+        "failed": failed,
+        "generated_now": len(todo) - len(failed),
+        "partial_lines_redone": dropped,
+        "masks": masks,
+    }
+    return preds, info
+
+
+def _jsonable_rle(mask: Mapping[str, Any]) -> dict[str, Any]:
+    counts = mask.get("counts")
+    return {"size": list(mask["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+# --------------------------------------------------------------------------------------------------
+# Judge
+# --------------------------------------------------------------------------------------------------
+
+
+def _body_key(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def run_judge(
+    bench: Benchmark, requests: Sequence[dict[str, Any]], replies_path: Path, client: JudgeClient, retries: int
+) -> dict[str, str]:
+    """Send each request not yet answered (same body) to the judge; replies are appended as they come.
+    A reply the benchmark cannot parse is asked again up to `retries` times."""
+    cached: dict[str, tuple[str, str]] = {}
+    if replies_path.is_file():
+        for line in replies_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                cached[str(rec["custom_id"])] = (str(rec["body_key"]), str(rec["content"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    parse: Callable[[str], Any] = getattr(bench, "parse_reply", lambda reply: reply)
+    replies: dict[str, str] = {}
+    with replies_path.open("a", encoding="utf-8") as sink:
+        for request in tqdm(requests, desc=f"judge {bench.name}", unit="req", disable=not requests):
+            key = _body_key(request["body"])
+            hit = cached.get(request["custom_id"])
+            if hit is not None and hit[0] == key:
+                replies[request["custom_id"]] = hit[1]
+                continue
+            content = client.complete(request["body"])
+            for _ in range(retries):
+                if parse(content) is not None:
+                    break
+                content = client.complete(request["body"])
+            replies[request["custom_id"]] = content
+            sink.write(json.dumps({"custom_id": request["custom_id"], "body_key": key, "content": content},
+                                  ensure_ascii=False) + "\n")
+            sink.flush()
+    return replies
+
+
+# --------------------------------------------------------------------------------------------------
+# One benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def _invalid_error(name: str, problems: Sequence[str]) -> DataError:
+    shown = "\n  ".join(problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    return DataError(
+        f"{name}: {len(problems)} invalid record(s) in the data:\n  {shown}{more}\n"
+        "(rerun with --skip-invalid to evaluate the rest; they are then counted and listed in the results)"
+    )
+
+
+def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts: RunOptions) -> dict[str, Any]:
+    """Load, predict, score (or judge, or write the server submission) one benchmark; writes its results.json."""
+    loaded = bench.load(root, opts.split)
+    if loaded.problems and not opts.skip_invalid:
+        raise _invalid_error(bench.name, loaded.problems)
+    items = loaded.items[: opts.limit] if opts.limit else loaded.items
+    if not items:
+        raise DataError(f"{bench.name}: no usable questions in {root}" + (f" ({len(loaded.problems)} invalid)" if loaded.problems else ""))
+    bench_dir = out_dir / bench.name
+    preds, info = predict(model, bench, items, bench_dir / f"predictions_{loaded.split}.jsonl", opts)
+    flags: list[str] = []
+    if bench.segmentation and not info["masks"]:
+        flags.append(FLAG_NO_MASKS)
+    if bench.visual_prompt:
+        flags.append(FLAG_NO_VISUAL_PROMPT)
+    scorable = [item for item in items if item.answer is not None]
+    result: dict[str, Any] = {"metrics": {}, "breakdown": {}, "warnings": []}
+    status = "scored"
+    judge_info: dict[str, Any] = {}
+    if bench.judged and scorable:
+        model_name = opts.judge_model or getattr(bench, "judge_default", "gpt-4")
+        requests = bench.judge_requests(scorable, preds, model_name)
+        _write_jsonl(bench_dir / "judge_requests.jsonl", [
+            {"custom_id": r["custom_id"], "method": "POST", "url": "/v1/chat/completions", "body": r["body"]}
+            for r in requests
+        ])
+        judge_info = {"requests": str(bench_dir / "judge_requests.jsonl"), "model": model_name}
+        if opts.judge_endpoint:
+            client = JudgeClient(opts.judge_endpoint, model_name, backend=opts.judge_backend)
+            replies = run_judge(bench, requests, bench_dir / "judge_replies.jsonl", client, opts.judge_retries)
+            result = bench.score_judged(scorable, preds, replies)
+            judge_info.update(endpoint=opts.judge_endpoint, backend=client.backend,
+                              replies=str(bench_dir / "judge_replies.jsonl"))
+        else:
+            status = "awaiting judge"
+            flags.append(FLAG_AWAITING_JUDGE)
+    elif scorable:
+        result = bench.score(scorable, preds, meteor=opts.meteor)
+    else:
+        status = "submission only"
+    submission = [str(p) for p in bench.write_submission(items, preds, bench_dir, loaded.split, root)]
+    if status == "submission only":
+        flags.append(f"answers are not public for split {loaded.split!r}: submit {', '.join(submission) or 'the predictions'} to the server")
+    missing_preds = sum(1 for item in items if item.id not in preds)
+    results = {
+        "benchmark": bench.name,
+        "title": bench.title,
+        "split": loaded.split,
+        "data": str(root),
+        "status": status,
+        "metrics": result["metrics"],
+        "headline": {"label": bench.columns[0].label if bench.columns else bench.title,
+                     "value": bench.headline(result["metrics"]) if status == "scored" else None},
+        "metric_note": bench.metric_note,
+        "breakdown": result.get("breakdown", {}),
+        "counts": {
+            "items": len(items),
+            "loaded": len(loaded.items),
+            "predicted": len(items) - missing_preds,
+            "missing_predictions": missing_preds,
+            "missing_images": len(info["missing_images"]),
+            "failed": len(info["failed"]),
+            "invalid_records": len(loaded.problems),
+        },
+        "flags": flags,
+        "warnings": list(result.get("warnings", [])) + (
+            [f"{missing_preds} question(s) have no prediction and are scored as wrong"] if missing_preds else []),
+        "notes": loaded.notes + ([f"{info['partial_lines_redone']} partial prediction line(s) from an interrupted run were redone"]
+                                 if info["partial_lines_redone"] else []),
+        "problems": {
+            "invalid_records": loaded.problems[:MAX_LISTED],
+            "missing_images": info["missing_images"][:MAX_LISTED],
+            "failed": info["failed"][:MAX_LISTED],
+        },
+        "submission": submission,
+        "judge": judge_info,
+        "limit": opts.limit,
+    }
+    _write_json(bench_dir / "results.json", results)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Several benchmarks, report
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve(names: Sequence[str] | None, suite: str | None) -> list[Benchmark]:
+    if suite is not None:
+        if suite not in SUITES:
+            raise UnillavaError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+        names = SUITES[suite]
+    return [get_benchmark(n) for n in names or []]
+
+
+def run_benchmarks(
+    model: Any,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    suite: str | None = None,
+    opts: RunOptions | None = None,
+    model_name: str = "model",
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run benchmarks by name or a paper's suite; a suite skips (with a printed note) benchmarks whose data
+    is not under `data_dir`, and records a benchmark whose data is unusable as failed instead of stopping."""
+    opts = opts or RunOptions()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found")
+    benches = resolve(names, suite)
+    done: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for bench in benches:
+        root = bench.find_root(data_dir)
+        if root is None:
+            where = ", ".join(str(data_dir / d) for d in bench.dirs)
+            reason = f"no data (looked in {where} and {data_dir}); download: {bench.download}"
+            if suite is None:
+                raise DataError(f"{bench.name}: {reason}")
+            echo(f"note: skipping {bench.name}: no data under {data_dir}")
+            skipped[bench.name] = reason
+            continue
+        try:
+            done[bench.name] = run_benchmark(model, bench, root, out_dir, opts)
+        except DataError as err:
+            if suite is None:
+                raise
+            echo(f"note: {bench.name} failed: {err}")
+            skipped[bench.name] = f"failed: {err}"
+    summary = {"model": model_name, "data": str(data_dir), "suite": suite, "benchmarks": done, "skipped": skipped}
+    _write_json(out_dir / "results.json", summary)
+    write_report(out_dir, summary)
+    return summary
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_cell(column: Any, results: Mapping[str, Any]) -> str:
+    ran = [results[b] for b in column.benchmarks if b in results]
+    if not ran:
+        return "–"
+    values = [r["metrics"].get(column.metric) for r in ran if r["status"] == "scored"]
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"awaiting judge": "judge", "submission only": "server"}.get(ran[0]["status"], "–")
+    cell = _fmt(sum(values) / len(values) * column.scale)
+    flagged = any(FLAG_NO_MASKS in r["flags"] and column.metric in ("ciou", "giou", "ap50", "miou", "recall") for r in ran)
+    return cell + (" †" if flagged else "")
+
+
+def paper_tables(summary: Mapping[str, Any]) -> list[str]:
+    """Markdown tables laid out like the papers': our row, then the papers' reference rows."""
+    results = summary["benchmarks"]
+    suites = [summary["suite"]] if summary.get("suite") in PAPER_TABLES else [
+        s for s, t in PAPER_TABLES.items() if any(b in results for c in t.columns for b in c.benchmarks)]
+    lines: list[str] = []
+    for suite in suites:
+        table = PAPER_TABLES[suite]
+        columns = table.columns if summary.get("suite") == suite else [
+            c for c in table.columns if any(b in results for b in c.benchmarks)]
+        labels = [c.label for c in columns]
+        lines += [f"### {table.title}", "", "| Model | " + " | ".join(labels) + " |",
+                  "|---|" + "---|" * len(labels)]
+        lines.append(f"| {summary['model']} | " + " | ".join(table_cell(c, results) for c in columns) + " |")
+        for row, values in table.references.items():
+            lines.append(f"| {row} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
+        lines += ["", f"_{table.note}_" if table.note else "", ""]
+    if any(FLAG_NO_MASKS in r["flags"] for r in results.values()):
+        lines.append(f"† {FLAG_NO_MASKS}.")
+        lines.append("")
+    lines.append("`judge`: awaiting the GPT judge; `server`: scored by the benchmark's server (submission written); `–`: not run.")
+    return lines
+
+
+def write_report(out_dir: Path, summary: Mapping[str, Any]) -> Path:
+    lines = ["# unillava benchmark report", "", f"Model: `{summary['model']}`  Data: `{summary['data']}`", ""]
+    lines += paper_tables(summary)
+    for name, res in summary["benchmarks"].items():
+        lines += ["", f"## {res['title']} (`{name}`, split `{res['split']}`)", "",
+                  f"Status: **{res['status']}**. Metric: {res['metric_note']}.", ""]
+        for name_m, value in res["metrics"].items():
+            lines.append(f"- {name_m}: {_fmt(value, 4)}")
+        counts = res["counts"]
+        lines.append("- counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for key in ("flags", "warnings", "notes"):
+            lines += [f"- {key[:-1]}: {text}" for text in res[key]]
+        for kind, entries in res["problems"].items():
+            if entries:
+                lines.append(f"- {kind.replace('_', ' ')} ({counts.get(kind, len(entries))}), first ones:")
+                lines += [f"    - `{e}`" for e in entries[:10]]
+        if res["submission"]:
+            lines.append("- submission: " + ", ".join(f"`{p}`" for p in res["submission"]))
+    for name, reason in summary["skipped"].items():
+        lines += ["", f"- skipped `{name}`: {reason}"]
+    path = out_dir / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    table = Table(title="unillava eval (benchmarks)")
+    for col, justify in (("benchmark", "left"), ("split", "left"), ("metric", "left"), ("value", "right"),
+                         ("n", "right"), ("status", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, res in summary["benchmarks"].items():
+        status = res["status"] + ("; " + "; ".join(f.split(":")[0] for f in res["flags"]) if res["flags"] else "")
+        table.add_row(name, res["split"], res["headline"]["label"], _fmt(res["headline"]["value"], 2),
+                      str(res["counts"]["items"]), status)
+    for name in summary["skipped"]:
+        table.add_row(name, "", "", "", "", "skipped")
+    return table
+
+
+def print_summary(summary: Mapping[str, Any]) -> None:
+    Console().print(summary_table(summary))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+__all__ = ["BENCHMARKS", "RunOptions", "print_summary", "read_predictions", "run_benchmark", "run_benchmarks"]
