@@ -7,6 +7,7 @@ each image's feature sequence and the positions of its image tokens.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +31,19 @@ from unillava.weights import check_state_dict
 CONFIG_NAME = "unillava_config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+# Towers whose models need more than the core (OMG's [SEG] head): vision type -> "module:Class", imported
+# only when such a model is built, so loading a checkpoint picks the right class from its config alone.
+MODEL_CLASSES: dict[str, str] = {"omg": "unillava.omg:OMGLlavaModel"}
+
+
+def model_class_for(config: ModelConfig) -> type[LlavaModel]:
+    """The class a config builds: the core `LlavaModel` unless its tower type names a specialisation."""
+    target = MODEL_CLASSES.get(config.vision.type)
+    if target is None:
+        return LlavaModel
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def splice_image_features(
@@ -72,6 +86,8 @@ class LlavaModel(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> LlavaModel:
         """Build with pretrained parts where the config names them (untrained projector)."""
+        if cls is LlavaModel:
+            cls = model_class_for(config)
         tower = build_vision_tower(config.vision)
         language_model, tokenizer = load_language_model(config.llm, dtype=dtype)
         return cls(config, tower, language_model, tokenizer)
@@ -92,6 +108,8 @@ class LlavaModel(nn.Module):
             raise CheckpointError(f"{config_file}: malformed ({err})") from None
         config.vision.pretrained = None
         config.vision.hf_config = vision_hf_config
+        if cls is LlavaModel:
+            cls = model_class_for(config)
         tower = build_vision_tower(config.vision)
         language_model = build_language_model_from_config(llm_hf_config, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "export_cmd",
     "train_cmd",
     "serve_cmd",
+    "segment_cmd",
 ]
 
 
