@@ -11,6 +11,7 @@ from PIL import Image
 
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from unillava.conversation import Message, encode_segments, get_template, user_message
+from unillava.errors import ConfigError
 from unillava.llm import EMBEDDED_DEFAULT
 from unillava.modeling import LlavaModel
 from unillava.omg import OMG_TOKENS, SEG_TOKEN, OMGLlavaModel, phrases_for_segs, seg_batch
@@ -20,6 +21,16 @@ from unillava.vision import build_vision_tower
 from unillava.vision.omg import perception_prior
 
 IMAGE_SIZE = 128  # stride 64 (ConvNeXt 32 x pixel shuffle 2): a 2 x 2 grid of pixel tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and the suite shares two cores with other work:
+    two threads contending with another process made these tests 10-40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def omg_config(**extra) -> ModelConfig:
@@ -43,7 +54,7 @@ def shapes_root(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("omg-shapes") / "data"
     generate_dataset(out, 3, 5, n_val=1, n_test=1, min_size=96, max_size=128, difficulty="easy", workers=1,
-                     tasks=["refseg"])
+                     tasks=["refseg", "region_caption"])
     return out
 
 
@@ -80,23 +91,40 @@ def test_special_tokens_are_single_ids_everywhere(model):
 @pytest.mark.parametrize("use_prior", [True, False])
 def test_tower_token_counts(use_prior):
     torch.manual_seed(0)
-    extra = {"use_prior": use_prior}
     tower = build_vision_tower(VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=IMAGE_SIZE,
-                                            extra=extra))
+                                            extra={"use_prior": use_prior}))
     backbone = tower.perception.backbone_channels
     assert tower.hidden_size == 4 * backbone + (2 * tower.perception.hidden_dim if use_prior else 0)
+    queries = tower.perception.config.num_queries
+    assert tower.num_tokens(IMAGE_SIZE, IMAGE_SIZE) == 4 + 1 + queries  # 2 x 2 pixels, separator, max objects
     pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
-    features = tower(pixels)
-    objects = tower.object_query_indices(pixels)
-    for image, feature, winners in zip(pixels, features, objects, strict=True):
-        assert 1 <= len(winners) <= tower.perception.config.num_queries
-        assert feature.shape == (4 + 1 + len(winners), tower.hidden_size)
-        assert tower.num_tokens_for_image(image) == feature.shape[0]
-    with pytest.raises(Exception, match="depends on the image"):
-        tower.num_tokens(IMAGE_SIZE, IMAGE_SIZE)
+    parts = tower.encode_parts(pixels)
+    winners = tower.object_query_indices(pixels)
+    assert [p.pixels.shape for p in parts] == [(4, tower.hidden_size)] * 3
+    assert [p.objects.shape for p in parts] == [(len(w), tower.query_dim) for w in winners]
+    assert all(1 <= len(w) <= queries for w in winners)
     if use_prior:  # the prior is the tail of each pixel token
         prior, _ = perception_prior(tower.memory_for(pixels[0]), (2, 2))
-        assert torch.allclose(features[0][:4, 4 * backbone :], prior[0], atol=1e-6)
+        assert torch.allclose(parts[0].pixels[:, 4 * backbone :], prior[0], atol=1e-6)
+    tower.attach_language_model(64)
+    features, valid = tower.embed(pixels, torch.nn.Linear(tower.hidden_size, 64))
+    for feature, mask, won in zip(features, valid, winners, strict=True):
+        assert feature.shape == (4 + 1 + queries, 64)
+        assert mask.tolist() == [True] * (4 + 1 + len(won)) + [False] * (queries - len(won))
+        assert not feature[~mask].any()  # empty slots are zeros (and masked by the model)
+    listed, _ = tower.embed(list(pixels), torch.nn.Linear(tower.hidden_size, 64))
+    assert [f.shape for f in listed] == [f.shape for f in features]
+
+
+def test_pixel_tokens_use_the_released_channel_order():
+    from unillava.vision.omg import pixel_tokens
+
+    feature = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)  # C=2, 4 x 4
+    tokens = pixel_tokens(feature)
+    assert tokens.shape == (1, 4, 8)
+    # token (0, 1) covers rows 0-1, columns 2-3; channels run (row offset, column offset, channel)
+    block = feature[0, :, 0:2, 2:4]
+    assert tokens[0, 1].tolist() == [block[ch, i, j].item() for i in range(2) for j in range(2) for ch in range(2)]
 
 
 def test_ablation_flags_fix_the_count():
@@ -104,20 +132,36 @@ def test_ablation_flags_fix_the_count():
     base = VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=256)
     pixel_only = build_vision_tower(VisionConfig(**{**base.__dict__, "extra": {"object_tokens": False}}))
     assert pixel_only.num_tokens(256, 256) == 16
-    assert [f.shape[0] for f in pixel_only(torch.randn(2, 3, 256, 256))] == [16, 16]
+    pixel_only.attach_language_model(8)
+    features, valid = pixel_only.embed(torch.randn(2, 3, 256, 256), torch.nn.Linear(pixel_only.hidden_size, 8))
+    assert [f.shape[0] for f in features] == [16, 16] and all(bool(v.all()) for v in valid)
     capped = build_vision_tower(VisionConfig(**{**base.__dict__, "extra": {"max_object_tokens": 1}}))
-    assert capped.num_tokens_for_image(torch.randn(3, 256, 256)) == 16 + 1 + 1
+    assert capped.num_tokens(256, 256) == 16 + 1 + 1
+    capped.attach_language_model(8)
+    features, valid = capped.embed(torch.randn(1, 3, 256, 256), torch.nn.Linear(capped.hidden_size, 8))
+    assert features[0].shape[0] == 18 and bool(valid[0].all())
 
 
-def test_processor_reserves_each_images_own_count(model):
+def test_empty_object_slots_change_nothing(model):
     pictures = _pictures()
-    pixels = model.processor.preprocess_images(pictures)
-    counts = [model.vision_tower.num_tokens_for_image(p) for p in pixels]
     batch, _ = model.processor.prompt_batch([[user_message("a", 1)] for _ in pictures], [[p] for p in pictures])
     slots = (batch.input_ids == model.image_token_id).sum(1).tolist()
-    assert slots == counts
+    assert slots == [model.vision_tower.num_tokens(IMAGE_SIZE, IMAGE_SIZE)] * 2
+    embeds, mask, positions, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images)
+    empty = (batch.attention_mask == 1) & (mask == 0)
+    assert empty.any()
+    lm = model.language_model
     with torch.no_grad():
+        logits = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        noisy = embeds.clone()
+        noisy[empty] = torch.randn_like(noisy[empty]) * 10
+        again = lm(inputs_embeds=noisy, attention_mask=mask, position_ids=positions).logits
+        assert torch.allclose(logits[mask == 1], again[mask == 1], atol=1e-4)
         model(**batch.model_inputs())  # splicing checks that features and slots agree
+    from unillava.inference import InferenceModel
+
+    answers = InferenceModel(model).generate(["a", "b"], [[p] for p in pictures], max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
 def test_save_and_load_give_the_omg_model(model, tmp_path):
@@ -129,14 +173,17 @@ def test_save_and_load_give_the_omg_model(model, tmp_path):
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
+def _records(root, task: str, n: int = 2) -> list[dict]:
+    lines = (root / "tasks" / "train" / f"{task}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
 def test_seg_loss_trains_the_seg_head(shapes_root):
     torch.manual_seed(0)
     model = LlavaModel.from_config(omg_config())
-    records = [json.loads(line) for line in (shapes_root / "tasks" / "train" / "refseg.jsonl").read_text().splitlines()]
-    records = records[:2]
-    batch, targets = seg_batch(model, records, shapes_root)
-    assert [len(t) for t in targets] == [1, 1] and targets[0].shape[-1] == IMAGE_SIZE
-    out = model(**batch.model_inputs(), seg_masks=targets, loss_reduction="sum")
+    seg = seg_batch(model, _records(shapes_root, "refseg"), shapes_root)
+    assert [len(t) for t in seg.seg_masks] == [1, 1] and seg.seg_masks[0].shape[-1] == IMAGE_SIZE
+    out = model(**seg.inputs(), loss_reduction="sum")
     expected = out.text_loss + 2.0 * out.mask_bce + 0.5 * out.mask_dice
     assert torch.allclose(out.loss, expected)
     model.requires_grad_(False)
@@ -144,7 +191,7 @@ def test_seg_loss_trains_the_seg_head(shapes_root):
     optimizer = torch.optim.Adam(model.seg_head.parameters(), lr=1e-2)
     mask_losses = []
     for _ in range(8):
-        out = model(**batch.model_inputs(), seg_masks=targets)
+        out = model(**seg.inputs())
         mask_loss = 2.0 * out.mask_bce + 0.5 * out.mask_dice
         optimizer.zero_grad()
         mask_loss.backward()
@@ -153,7 +200,43 @@ def test_seg_loss_trains_the_seg_head(shapes_root):
     assert mask_losses[-1] < mask_losses[0]
     assert all(p.grad is None for p in model.vision_tower.perception.parameters())
     with pytest.raises(ValueError, match="target mask"):
-        model(**batch.model_inputs(), seg_masks=[targets[0], targets[1][:0]])
+        model(**{**seg.inputs(), "seg_masks": [seg.seg_masks[0], seg.seg_masks[1][:0]]})
+
+
+def test_prompt_regions_in_the_input_frame():
+    from unillava.perception.prompts import deepest_point, prompt_region
+
+    box = prompt_region({"type": "box", "box": [0, 10, 50, 30]}, 100, 50, 100)  # padded by 25 px top
+    assert box.region.sum() == 50 * 20 and box.region[35:55, 0:50].all()
+    assert box.anchor == pytest.approx((0.25, 0.45))
+    point = prompt_region({"type": "point", "point": [50, 25]}, 100, 50, 100)
+    assert 1 <= point.region.sum() <= 16 and point.region[50, 50]
+    ring = np.zeros((50, 100), dtype=bool)
+    ring[5:45, 10:60] = True
+    mask = prompt_region({"type": "mask", "mask": ring, "image_index": 0}, 100, 50, 100)
+    x, y = deepest_point(mask.region)
+    assert 25 <= x <= 45 and 45 <= y <= 55
+
+
+def test_visual_prompts_fill_region_tokens(shapes_root):
+    torch.manual_seed(0)
+    model = LlavaModel.from_config(omg_config())
+    seg = seg_batch(model, _records(shapes_root, "region_caption"), shapes_root)
+    assert [len(p) for p in seg.visual_prompts] == [1, 1]
+    batch = seg.batch
+    region_ids = torch.tensor([model.token_ids["<region>"], model.token_ids["<mark>"]])
+    where = torch.isin(batch.input_ids, region_ids)
+    plain, _, _, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images)
+    filled, _, _, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images, seg.visual_prompts)
+    assert where.sum() == 2
+    assert not torch.allclose(plain[where], filled[where]) and torch.equal(plain[~where], filled[~where])
+    model.vision_tower.requires_grad_(True)  # the tower's own parts; its segmenter stays frozen
+    out = model(**seg.inputs())
+    out.loss.backward()
+    assert model.vision_tower.query_projection.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.vision_tower.perception.parameters())
+    with pytest.raises(ValueError, match="prompt"):
+        model(**{**seg.inputs(), "visual_prompts": [[], []]})
 
 
 def test_phrases_follow_seg_order():
@@ -180,6 +263,11 @@ def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
     answer, masks = model.chat_pixels([user_message("segment", 1)], pictures[:1], [],
                                       settings=GenerationSettings(max_new_tokens=8), return_masks=True)
     assert masks[0]["phrase"] == "red shape" and masks[0]["mask"].shape == (90, 120)
+    prompts = [{"type": "box", "box": [10, 10, 60, 40], "label": 1, "image_index": 0},
+               {"type": "point", "point": [5, 5], "label": 1, "image_index": 0}]
+    answer, masks = model.chat_pixels([user_message("What is this?", 1)], pictures[:1], prompts,
+                                      settings=GenerationSettings(max_new_tokens=8), return_masks=True)
+    assert len(masks) == 2
 
 
 def test_segment_cli_writes_masks_and_overlay(model, tmp_path, monkeypatch, capsys):
@@ -196,3 +284,109 @@ def test_segment_cli_writes_masks_and_overlay(model, tmp_path, monkeypatch, caps
     assert result["phrases"] == ["it"] and len(result["masks"]) == 1
     assert Image.open(tmp_path / "out" / "mask_0.png").size == (120, 90)
     assert Image.open(tmp_path / "out" / "overlay.png").size == (120, 90)
+    code = main(["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
+                 "--prompt", "What is <region> and <mark>?", "--box", "5,5,50,40", "--point", "60,30",
+                 "--out", str(tmp_path / "out2")])
+    assert code == 0 and (tmp_path / "out2" / "mask_0.png").is_file()
+    assert main(["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
+                 "--prompt", "x", "--box", "1,2", "--out", str(tmp_path / "out3")]) == 2
+
+
+def test_tiny_stage1_recipe_runs_in_the_generic_trainer(tmp_path):
+    from pathlib import Path
+
+    from unillava.training import Trainer, load_train_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "omg-stage1.yaml"
+    records = []
+    for i, picture in enumerate(_pictures()):
+        picture.save(tmp_path / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "Noise."}]})
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = load_train_config(recipe, [f"data.train_files=[{tmp_path / 'caps.jsonl'}]",
+                                        f"data.image_root={tmp_path}", f"output_dir={tmp_path / 'run'}",
+                                        "max_steps=2", "per_device_batch_size=2", "global_batch_size=2"])
+    torch.manual_seed(0)
+    trainer = Trainer(config)
+    trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {"vision_tower.separator", "vision_tower.seg_head.0.weight", "vision_tower.object_mlp.0.weight"} <= trainable
+    assert not any(".perception." in n for n in trainable)
+    result = trainer.train()
+    loaded = LlavaModel.from_pretrained(result.model_dir)
+    assert isinstance(loaded, OMGLlavaModel)
+    assert loaded.vision_tower.separator.abs().sum() > 0  # trained away from its zero init
+
+
+def test_xtuner_projector_weights_load(model, tmp_path):
+    from unillava.omg import convert_xtuner_projectors, load_xtuner_projectors
+
+    torch.manual_seed(1)
+    tower = model.vision_tower
+    released = {
+        "projector.model.model_feat.0.weight": torch.randn_like(model.projector[0].weight),
+        "projector.model.model_feat.2.bias": torch.randn_like(model.projector[2].bias),
+        "projector.model.query_proj.weight": torch.randn_like(tower.query_projection.weight),
+        "projector.model.model.2.weight": torch.randn_like(tower.object_mlp[2].weight),
+        "projector.model.seperate_embed.weight": torch.randn(1, tower.separator.shape[0]),
+        "projector_text2vision.model.0.weight": torch.randn_like(tower.seg_head[0].weight),
+        "llm.base_model.model.output.weight": torch.randn(3, 3),
+    }
+    converted, left = convert_xtuner_projectors(released)
+    assert left == ["llm.base_model.model.output.weight"] and len(converted) == 6
+    torch.save({"state_dict": released}, tmp_path / "omg.pth")
+    copy = LlavaModel.from_config(omg_config())
+    assert load_xtuner_projectors(copy, tmp_path / "omg.pth") == left
+    assert torch.equal(copy.vision_tower.separator, released["projector.model.seperate_embed.weight"][0])
+    assert torch.equal(copy.seg_head[0].weight, released["projector_text2vision.model.0.weight"])
+    assert torch.equal(copy.projector[0].weight, released["projector.model.model_feat.0.weight"])
+    with pytest.raises(ConfigError, match="is \\("):
+        torch.save({"projector.model.query_proj.weight": torch.zeros(2, 2)}, tmp_path / "bad.pth")
+        load_xtuner_projectors(copy, tmp_path / "bad.pth")
+
+
+def test_server_answers_with_masks_and_takes_visual_prompts(model, monkeypatch):
+    import base64
+    import io
+
+    import httpx
+
+    from unillava.evaluation.metrics import decode_mask
+    from unillava.inference import InferenceModel
+    from unillava.serving import ServerConfig, ServerThread, create_app
+
+    _force_answer(model, monkeypatch, "<p> it </p> [SEG].")
+    buffer = io.BytesIO()
+    _pictures()[0].save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in the box?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    body = {"model": "omg", "messages": messages, "return_masks": True,
+            "visual_prompts": [{"type": "box", "box": [10, 10, 60, 40]}]}
+    with ServerThread(create_app(InferenceModel(model), ServerConfig(model_name="omg"))) as server:
+        card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert card["capabilities"] == {"vision": True, "visual_prompts": True, "segmentation": True}
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    message = reply["choices"][0]["message"]
+    assert "[SEG]" in message["content"]
+    [mask] = message["masks"]
+    assert mask["phrase"] == "it" and decode_mask(mask["segmentation"]).shape == (90, 120)
+
+
+def test_stage1_object_regularizer_round_trips_object_queries():
+    torch.manual_seed(0)
+    model = LlavaModel.from_config(omg_config(object_regularizer=10.0))
+    pictures = _pictures()
+    batch, _ = model.processor.prompt_batch([[user_message("a", 1)] for _ in pictures], [[p] for p in pictures])
+    labels = batch.input_ids.clone()
+    labels[:, :-3] = -100
+    out = model(batch.input_ids, batch.attention_mask, batch.images, labels=labels, loss_reduction="sum")
+    tokens = int((labels[:, 1:] != -100).sum())
+    assert float(out.object_regularizer) > 0
+    assert torch.allclose(out.loss, out.text_loss + 10.0 * out.object_regularizer * tokens)
+    out.loss.backward()
+    tower = model.vision_tower
+    tower.requires_grad_(True)
+    out = model(batch.input_ids, batch.attention_mask, batch.images, labels=labels)
+    out.loss.backward()
+    assert tower.seg_head[0].weight.grad.abs().sum() > 0 and tower.object_mlp[0].weight.grad.abs().sum() > 0

@@ -22,6 +22,16 @@ from unillava.perception.matching import linear_sum_assignment
 IMAGE_SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and the suite shares two cores with other work:
+    two threads contending with another process made these tests 10-40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     from unillava.data.shapes import generate_dataset
@@ -116,3 +126,18 @@ def test_stage0_training_lowers_the_loss_and_evaluates_ap(shapes_root):
     metrics = evaluate_segmenter(model, shapes_root, image_size=IMAGE_SIZE, split="test")
     assert set(metrics) == {"AP", "AP50", "AP75"}
     assert all(-1.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_train_and_eval_segmenter_cli(shapes_root, tmp_path, capsys):
+    from unillava.cli import main
+
+    out = tmp_path / "seg"
+    code = main(["train-segmenter", "--data", str(shapes_root), "--out", str(out), "--steps", "2",
+                 "--image-size", str(IMAGE_SIZE), "--log-every", "1"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["step"] for line in lines[:2]] == [1, 2]
+    assert PerceptionModel.from_pretrained(out).config.num_labels == len(load_instances(shapes_root, "train")[1])
+    assert main(["eval-segmenter", "--model", str(out), "--data", str(shapes_root), "--image-size",
+                 str(IMAGE_SIZE)]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75"}

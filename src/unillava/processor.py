@@ -110,7 +110,7 @@ class Processor:
     ) -> Encoded:
         """Ids and labels; the model's default system prompt is used when the conversation has none,
         in training and inference alike."""
-        counts = [self.tower.num_tokens_for_image(p) for p in pixel_values]
+        counts = [self.tower.num_tokens(int(p.shape[-2]), int(p.shape[-1])) for p in pixel_values]
         if self.system_prompt is not None and (not messages or messages[0].role != "system"):
             messages = [Message("system", [self.system_prompt]), *messages]
         segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)

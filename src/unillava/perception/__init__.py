@@ -13,6 +13,7 @@ from unillava.perception.model import (
     PerceptionOutput,
     tiny_perception_config,
 )
+from unillava.perception.prompts import PromptRegion, encode_prompts, prompt_region
 from unillava.perception.train import evaluate_segmenter, load_instances, train_segmenter
 
 __all__ = [
@@ -21,8 +22,11 @@ __all__ = [
     "PerceptionMemory",
     "PerceptionModel",
     "PerceptionOutput",
+    "PromptRegion",
+    "encode_prompts",
     "evaluate_segmenter",
     "load_instances",
+    "prompt_region",
     "tiny_perception_config",
     "train_segmenter",
 ]

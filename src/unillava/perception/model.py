@@ -63,6 +63,8 @@ def make_config(data: dict[str, Any] | Mask2FormerConfig) -> Mask2FormerConfig:
         return data
     data = dict(data)
     backbone = data.pop("backbone_config", None)
+    if not isinstance(backbone, (dict, ConvNextConfig)):
+        raise CheckpointError("perception config: `backbone_config` must describe a ConvNeXt (a mapping)")
     if isinstance(backbone, dict):
         backbone = dict(backbone)
         model_type = backbone.pop("model_type", "convnext")
@@ -303,23 +305,3 @@ class PerceptionModel(nn.Module):
             weighted[key] = value * weight
         weighted["loss"] = sum(weighted.values())
         return weighted
-
-    @torch.no_grad()
-    def predict_instances(self, pixel_values: torch.Tensor, top_k: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Instance predictions per image at the input resolution: `masks` (n, H, W) bool, `scores`,
-        `labels` (0-based); score = class probability x mean mask probability inside the mask."""
-        out = self(pixel_values)
-        height, width = pixel_values.shape[-2:]
-        results = []
-        for b in range(pixel_values.shape[0]):
-            probs = out.class_logits[-1][b].softmax(-1)[:, :-1]
-            logits = F.interpolate(out.mask_logits[-1][b : b + 1], size=(height, width), mode="bilinear",
-                                   align_corners=False)[0]
-            scores, labels = probs.max(-1)
-            masks = logits > 0
-            sig = logits.sigmoid()
-            mask_score = (sig * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
-            scores = scores * mask_score
-            order = scores.argsort(descending=True)[: top_k or len(scores)]
-            results.append({"masks": masks[order], "scores": scores[order], "labels": labels[order]})
-        return results

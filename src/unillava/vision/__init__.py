@@ -36,11 +36,6 @@ class VisionTower(nn.Module):
     def num_tokens(self, height: int, width: int) -> int:
         raise NotImplementedError
 
-    def num_tokens_for_image(self, pixel_values: torch.Tensor) -> int:
-        """Tokens of one preprocessed (3, H, W) image; the processor asks this. A tower whose count
-        depends on the content (OMG's object tokens) overrides it; others only need `num_tokens`."""
-        return self.num_tokens(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-
     def hf_config_dict(self) -> dict[str, Any]:
         """The transformers config of the wrapped model, saved with a checkpoint to rebuild it offline."""
         raise NotImplementedError

@@ -8,20 +8,33 @@ Per image the sequence is `[pixel tokens, separator, object tokens]`:
   weights the query embeddings (content ++ position, 2D); the result is concatenated to the pixel
   feature, as the released code does, so one projector sees both;
 - object tokens (`extra.object_tokens`, default on): the queries that win at least one pixel of the
-  argmax-over-queries map of P, in query order, through a learned Linear to the token width, after a
-  learned separator. Their number varies per image (at most the query count, or `extra.max_object_tokens`).
+  argmax-over-queries map of P, in query order, through `query_projection` (2D -> 4C) and `object_mlp`
+  (4C -> H -> H) into the LLM's space, after a learned `separator` (an LLM-space vector). Their number
+  varies per image (at most the query count, or `extra.max_object_tokens`).
 
-Token count policy: the object-token count depends on the image, so the processor asks
-`num_tokens_for_image(pixels)`, which runs the frozen segmenter once and caches the result by the pixel
-tensor's content (an LRU of `extra.cache_size` images); the model's forward then finds the same memory in
-the cache, so the segmenter runs once per image and the count the processor reserved is exactly what the
-tower produces. A fixed maximum with padding would waste up to hundreds of LLM positions per image and
-need a second mask through the LLM; an exact count costs nothing extra because the segmenter is frozen.
-`num_tokens(h, w)` answers only when object tokens are off (the count is then a function of the size).
+The layout follows the released code's projector so its weights map one to one: the core projector
+(`mlp2x_gelu` over 4C + 2D) is `projector.model.model_feat`, `query_projection` / `object_mlp` /
+`separator` are `projector.model.query_proj` / `.model` / `.seperate_embed`, and `seg_head` (the [SEG]
+text-to-vision MLP, H -> 2D -> 2D) is `projector_text2vision`. The LLM-space parts need the LLM's width,
+so `OMGLlavaModel` creates them with `attach_language_model(H)`.
+
+Token count policy: a fixed maximum with the padding masked out. Each image gets
+`grid + 1 + max_object_tokens` slots (`extra.max_object_tokens`, default the query count), so the count
+is a function of the image size as the core contract (`num_tokens(h, w)`) wants: the data pipeline plans
+lengths and truncation from sizes alone, without decoding images, and a content-dependent count could not
+be known there. `embed` also says which slots hold real objects; `OMGLlavaModel` removes the
+empty ones from attention and from the position ids (cumulative over the attention mask, which is also
+what generation uses), so padding changes nothing the LLM computes and training matches inference. The
+cost is sequence length: set `max_object_tokens` below the query count to bound it (the highest-scoring
+winning queries are kept). The segmenter's output is cached per image (an LRU of `extra.cache_size`,
+keyed by the pixels' content) so the [SEG] decoder reuses the memory the tokens came from.
+
+`extra.object_regularizer` (stage 1 of the paper: 10.0) weights OMGLlavaModel's round-trip loss that
+keeps object tokens decodable by the [SEG] head.
 
 Trainability: the segmenter is always frozen (`requires_grad_` and `train` leave it alone); the
-separator and object projection follow the tower's flag (`train_vision`), so stage 1 trains them with
-the projector. `vision.pretrained` names a stage-0 `PerceptionModel` directory; `hf_config` holds its
+OMG-LLaVA projectors held here (object path, separator, [SEG] head) follow the tower's flag
+(`train_vision`), so the generic trainer trains them with the core projector. `vision.pretrained` names a stage-0 `PerceptionModel` directory; `hf_config` holds its
 config (written by `save_pretrained`, so a saved OMG model reloads offline).
 """
 
@@ -29,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,19 +54,22 @@ from unillava.errors import ConfigError
 from unillava.perception.model import PerceptionModel, PerceptionOutput
 from unillava.vision import VisionTower, register_tower
 
-EXTRA_KEYS = ("use_prior", "object_tokens", "max_object_tokens", "cache_size")
+EXTRA_KEYS = ("use_prior", "object_tokens", "max_object_tokens", "cache_size", "object_regularizer")
 
 
 def pixel_tokens(backbone_last: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): pixel shuffle x2 (space-to-depth), row-major."""
-    return F.pixel_unshuffle(backbone_last, 2).flatten(2).transpose(1, 2)
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): space-to-depth x2, tokens row-major. Channels are ordered
+    (row offset, column offset, channel) as in the released code, so its projector weights apply as is."""
+    b, c, h, w = backbone_last.shape
+    blocks = backbone_last.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    return blocks.flatten(1, 3).flatten(2).transpose(1, 2)
 
 
 def perception_prior(output: PerceptionOutput, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-pixel prior embedding (B, gh*gw, 2D) and the P map (B, Q, gh*gw) it comes from."""
     score = output.scores()
-    masks = F.interpolate(output.mask_logits[-1], size=grid, mode="bilinear", align_corners=False).sigmoid()
-    prior_map = ((0.5 * score + 0.5)[..., None, None] * masks).flatten(2)
+    prior_map = (0.5 * score + 0.5)[..., None, None] * output.mask_logits[-1].sigmoid()
+    prior_map = F.interpolate(prior_map, size=grid, mode="bilinear", align_corners=False).flatten(2)
     weights = prior_map.softmax(dim=1)
     return torch.einsum("bqn,bqc->bnc", weights, output.query_embeddings), prior_map
 
@@ -68,6 +85,15 @@ def winning_queries(prior_map: torch.Tensor, scores: torch.Tensor, limit: int | 
             winners = winners[keep].sort().values
         out.append(winners)
     return out
+
+
+@dataclass
+class ImageParts:
+    """One image's tower outputs before the LLM: pixel (+prior) features (grid, hidden_size) for the core
+    projector, and the object queries' embeddings (N, 2D)."""
+
+    pixels: torch.Tensor
+    objects: torch.Tensor
 
 
 @register_tower("omg")
@@ -94,15 +120,32 @@ class OMGTower(VisionTower):
         limit = extra.get("max_object_tokens")
         self.max_object_tokens = None if limit is None else int(limit)
         self.cache_size = int(extra.get("cache_size", 8))
+        self.object_regularizer = float(extra.get("object_regularizer", 0.0))
         self.query_dim = 2 * self.perception.hidden_dim
         backbone = self.perception.config.backbone_config
         self.stride = 2 * int(backbone.patch_size) * 2 ** (len(backbone.hidden_sizes) - 1)  # x2: pixel shuffle
-        self.hidden_size = 4 * self.perception.backbone_channels + (self.query_dim if self.use_prior else 0)
-        self.separator = nn.Parameter(torch.zeros(self.hidden_size))
-        self.object_projection = nn.Linear(self.query_dim, self.hidden_size)
+        pixel_width = 4 * self.perception.backbone_channels
+        self.hidden_size = pixel_width + (self.query_dim if self.use_prior else 0)
+        self.query_projection = nn.Linear(self.query_dim, pixel_width)
+        self.text_hidden: int | None = None
         self._cache: OrderedDict[str, PerceptionOutput] = OrderedDict()
         self.perception.requires_grad_(False)
         self.perception.eval()
+
+    def attach_language_model(self, text_hidden: int) -> None:
+        """Create the LLM-space parts (object MLP, separator, [SEG] head) for an LLM of width `text_hidden`;
+        they take the tower's current trainability."""
+        if self.text_hidden == text_hidden:
+            return
+        trainable = self.query_projection.weight.requires_grad
+        reference = self.query_projection.weight
+        self.object_mlp = nn.Sequential(nn.Linear(self.query_projection.out_features, text_hidden), nn.GELU(),
+                                        nn.Linear(text_hidden, text_hidden)).to(reference.device, reference.dtype)
+        self.separator = nn.Parameter(torch.zeros(text_hidden, device=reference.device, dtype=reference.dtype))
+        self.seg_head = nn.Sequential(nn.Linear(text_hidden, self.query_dim), nn.GELU(),
+                                      nn.Linear(self.query_dim, self.query_dim)).to(reference.device, reference.dtype)
+        self.text_hidden = text_hidden
+        self.requires_grad_(trainable)
 
     # -- trainability: the segmenter never trains here ------------------------------------------------
 
@@ -130,27 +173,28 @@ class OMGTower(VisionTower):
         """The segmenter's output per image (B, 3, H, W), from the cache where the same pixels were seen."""
         keys = [self._key(p) for p in pixel_values]
         todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        fresh: dict[str, PerceptionOutput] = {}
         if todo:
             param = next(self.perception.parameters())
             with torch.no_grad():
-                batch = pixel_values[todo].to(param.device, param.dtype)
-                out = self.perception(batch)
+                out = self.perception(pixel_values[todo].to(param.device, param.dtype))
             for j, i in enumerate(todo):
-                self._cache[keys[i]] = _slice(out, j)
+                fresh[keys[i]] = self._cache[keys[i]] = _slice(out, j)
                 if len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         results = []
         for k in keys:
             if k in self._cache:
                 self._cache.move_to_end(k)
-                results.append(self._cache[k])
-            else:  # evicted within this call (cache smaller than the batch): recompute alone
-                with torch.no_grad():
-                    results.append(self.perception(pixel_values[keys.index(k)][None]))
+            results.append(self._cache.get(k) or fresh[k])
         return results
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+    def memory_for(self, pixel_values: torch.Tensor) -> PerceptionOutput:
+        """One image's (3, H, W) cached segmenter output: what [SEG] and visual prompts decode against."""
+        return self.perceive(pixel_values[None])[0]
 
     # -- tokens --------------------------------------------------------------------------------------
 
@@ -159,62 +203,71 @@ class OMGTower(VisionTower):
             raise ConfigError(f"OMG tower: image sides must be multiples of {self.stride}, got {height}x{width}")
         return height // self.stride, width // self.stride
 
+    @property
+    def object_slots(self) -> int:
+        """Object-token slots per image (0 with object tokens off)."""
+        if not self.object_tokens:
+            return 0
+        return self.max_object_tokens or int(self.perception.config.num_queries)
+
     def num_tokens(self, height: int, width: int) -> int:
         gh, gw = self.grid(height, width)
-        if self.object_tokens:
-            raise ConfigError("OMG tower: with object tokens the count depends on the image; use num_tokens_for_image")
-        return gh * gw
+        return gh * gw + (1 + self.object_slots if self.object_tokens else 0)
 
-    def num_tokens_for_image(self, pixel_values: torch.Tensor) -> int:
-        gh, gw = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-        if not self.object_tokens:
-            return gh * gw
-        return gh * gw + 1 + len(self.object_query_indices(pixel_values[None])[0])
+    def encode_parts(self, pixel_values: torch.Tensor) -> list[ImageParts]:
+        """(B, 3, H, W) -> per image the pixel (+prior) features and the object queries' embeddings."""
+        grid = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        parts = []
+        for p in self.perceive(pixel_values):
+            pixels = pixel_tokens(p.memory.backbone_last)[0]
+            prior, prior_map = perception_prior(p, grid)
+            if self.use_prior:
+                pixels = torch.cat([pixels, prior[0].to(pixels.dtype)], dim=-1)
+            objects = pixels.new_zeros(0, self.query_dim)
+            if self.object_tokens:
+                winners = winning_queries(prior_map, p.scores(), self.object_slots)[0]
+                objects = p.query_embeddings[0, winners]
+            parts.append(ImageParts(pixels, objects))
+        return parts
 
     def object_query_indices(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the segmenter queries that become object tokens."""
-        outputs = self.perceive(pixel_values)
         grid = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
         result = []
-        for out in outputs:
+        for out in self.perceive(pixel_values):
             _, prior_map = perception_prior(out, grid)
-            result += winning_queries(prior_map, out.scores(), self.max_object_tokens)
+            result += winning_queries(prior_map, out.scores(), self.object_slots)
         return result
 
+    def project_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Decoder query embeddings (K, 2D) -> LLM embeddings (K, H): object tokens and visual prompts."""
+        weight = self.query_projection.weight
+        return self.object_mlp(self.query_projection(queries.to(weight.device, weight.dtype)))
+
+    def embed(
+        self, images: list[torch.Tensor] | torch.Tensor, projector: nn.Module
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, the LLM-space sequence (num_tokens, H) and which slots are real (False = an empty
+        object slot). `projector` is the core projector, which maps the pixel (+prior) features."""
+        if self.text_hidden is None:
+            raise ConfigError("OMG tower: attach_language_model() first (OMGLlavaModel does)")
+        batches = [images] if isinstance(images, torch.Tensor) and images.dim() == 4 else [i[None] for i in images]
+        features, valid = [], []
+        for batch in batches:
+            for part in self.encode_parts(batch):
+                pixels = projector(part.pixels.to(self.query_projection.weight.dtype))
+                ok = torch.ones(pixels.shape[0], dtype=torch.bool, device=pixels.device)
+                if self.object_tokens:
+                    objects = self.project_queries(part.objects).to(pixels.dtype)
+                    padding = pixels.new_zeros(self.object_slots - len(objects), pixels.shape[-1])
+                    pixels = torch.cat([pixels, self.separator[None].to(pixels.dtype), objects, padding])
+                    ok = torch.cat([ok, ok.new_ones(1 + len(objects)), ok.new_zeros(len(padding))])
+                features.append(pixels)
+                valid.append(ok)
+        return features, valid
+
     def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.encode_variable(pixel_values)
-        if len({f.shape[0] for f in features}) != 1:
-            raise ValueError("OMG tower: images with different object counts cannot be stacked; call forward()")
-        return torch.stack(features)
-
-    def encode_variable(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, H, W) -> per image (tokens_i, hidden_size)."""
-        grid = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-        out = []
-        for p in self.perceive(pixel_values):
-            tokens = pixel_tokens(p.memory.backbone_last)[0]
-            prior, prior_map = perception_prior(p, grid)
-            if self.use_prior:
-                tokens = torch.cat([tokens, prior[0].to(tokens.dtype)], dim=-1)
-            if self.object_tokens:
-                winners = winning_queries(prior_map, p.scores(), self.max_object_tokens)[0]
-                objects = self.object_projection(p.query_embeddings[0, winners].to(self.separator.dtype))
-                tokens = torch.cat([tokens.to(objects.dtype), self.separator[None], objects], dim=0)
-            out.append(tokens)
-        return out
-
-    def forward(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """Per image features; counts vary with the image, so there is no stacking across images."""
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            return self.encode_variable(images)
-        out: list[torch.Tensor] = []
-        for image in images:
-            out += self.encode_variable(image[None])
-        return out
-
-    def memory_for(self, pixel_values: torch.Tensor) -> PerceptionOutput:
-        """One image's (3, H, W) cached segmenter output: what [SEG] and visual prompts decode against."""
-        return self.perceive(pixel_values[None])[0]
+        raise ConfigError("OMG tower: its tokens are assembled in the LLM's space by OMGLlavaModel (embed())")
 
 
 def _slice(out: PerceptionOutput, index: int) -> PerceptionOutput:

@@ -1,0 +1,119 @@
+"""Visual prompts (point, box, mask) as region-restricted queries of the frozen decoder.
+
+OMG-LLaVA encodes a user's marked region with the segmenter itself. The query starts at a sine
+position of the region's anchor, meaning the box centre, the point, or a mask's deepest interior
+point. Its cross-attention is restricted to the region in every decoder layer, so the query ends up
+describing what is inside. A point becomes a small box, +-3 px at 1024 px input, scaled with the input.
+The final query (content ++ position) stands in for a `<region>` or `<mark>` token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unillava.data.shapes import decode_mask
+from unillava.errors import DataError
+from unillava.perception.geometry import PadGeometry
+from unillava.perception.model import PerceptionMemory, PerceptionModel
+
+POINT_HALF_SIDE = 3 / 1024  # of the input side
+
+
+@dataclass
+class PromptRegion:
+    """One prompt in the segmenter's input frame: a (S, S) bool region, its anchor as (x, y) in [0, 1],
+    and which of the sample's images it marks."""
+
+    region: torch.Tensor
+    anchor: tuple[float, float]
+    image_index: int = 0
+    kind: str = "box"
+
+
+def _mask_array(mask: Any) -> np.ndarray:
+    if isinstance(mask, Mapping):
+        return decode_mask(mask)
+    return np.asarray(mask, dtype=bool)
+
+
+def deepest_point(region: torch.Tensor) -> tuple[int, int]:
+    """(x, y) of a bool mask's pixel farthest from its border (iterated 3x3 erosion), as OMG places a
+    mask prompt's query."""
+    current = region.float()[None, None]
+    last = current
+    while current.sum() > 0:
+        last = current
+        current = -F.max_pool2d(-current, 3, stride=1, padding=1)
+    ys, xs = torch.nonzero(last[0, 0] > 0, as_tuple=True)
+    middle = len(ys) // 2
+    return int(xs[middle]), int(ys[middle])
+
+
+def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int) -> PromptRegion:
+    """A prompt dict ({"type": "box"|"point"|"mask", "box": [x0, y0, x1, y1] | "point": [x, y] | "mask":
+    bool H x W or COCO RLE, "image_index"}) in image pixels -> its region in the input frame."""
+    geometry = PadGeometry(width, height, size)
+    kind = prompt.get("type")
+    region = torch.zeros(size, size, dtype=torch.bool)
+    if kind in ("box", "point"):
+        if kind == "box":
+            x0, y0, x1, y1 = geometry.box_to_input(tuple(float(v) for v in prompt["box"]))  # type: ignore[arg-type]
+        else:
+            x, y = (float(v) for v in prompt["point"])
+            cx, cy, _, _ = geometry.box_to_input((x, y, x, y))
+            half = max(1.0, POINT_HALF_SIDE * size)
+            x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+        left, top = max(0, math.floor(x0)), max(0, math.floor(y0))
+        right, bottom = min(size, max(left + 1, math.ceil(x1))), min(size, max(top + 1, math.ceil(y1)))
+        region[top:bottom, left:right] = True
+        anchor = ((x0 + x1) / 2 / size, (y0 + y1) / 2 / size)
+    elif kind == "mask":
+        mask = _mask_array(prompt["mask"])
+        if mask.shape != (height, width):
+            raise DataError(f"a mask prompt must be {height}x{width} (the image), got {mask.shape[0]}x{mask.shape[1]}")
+        region = geometry.mask_to_input(mask) > 0.5
+        if not region.any():
+            region = geometry.mask_to_input(mask) > 0
+        if not region.any():
+            raise DataError("a mask prompt is empty")
+        x, y = deepest_point(region)
+        anchor = ((x + 0.5) / size, (y + 0.5) / size)
+    else:
+        raise DataError(f"visual prompt type must be box, point or mask, got {kind!r}")
+    return PromptRegion(region, (float(anchor[0]), float(anchor[1])), int(prompt.get("image_index", 0) or 0),
+                        str(kind))
+
+
+def sine_position(anchors: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(K, 2) anchors (x, y) in [0, 1] -> (K, dim) sine/cosine features, y half then x half (DETR order)."""
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32, device=anchors.device)
+    scales = temperature ** (2 * (steps // 2) / half)
+    out = []
+    for coord in (anchors[:, 1], anchors[:, 0]):
+        angles = coord[:, None].float() * 2 * math.pi / scales
+        out.append(torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1).flatten(1))
+    return torch.cat(out, dim=-1)
+
+
+def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: list[PromptRegion]) -> torch.Tensor:
+    """The final query embedding (K, 2D) of each prompt on one image's memory (batch 1): independent
+    queries, each restricted to its region, starting from the mean learned query content."""
+    if not prompts:
+        return memory.mask_features.new_zeros(0, 2 * model.hidden_dim)
+    k = len(prompts)
+    dtype = memory.mask_features.dtype
+    device = memory.mask_features.device
+    anchors = torch.tensor([p.anchor for p in prompts], device=device)
+    position = sine_position(anchors, model.hidden_dim).to(dtype)
+    content = model.model.transformer_module.queries_features.weight.mean(0).to(dtype).expand(k, -1)
+    regions = torch.stack([p.region for p in prompts]).to(device)[:, None]
+    out = model.decode(memory.select(0, repeat=k), content[:, None], position[:, None], region=regions)
+    return torch.cat([out.queries[:, 0], position], dim=-1)
