@@ -390,3 +390,17 @@ def test_stage1_object_regularizer_round_trips_object_queries():
     out = model(batch.input_ids, batch.attention_mask, batch.images, labels=labels)
     out.loss.backward()
     assert tower.seg_head[0].weight.grad.abs().sum() > 0 and tower.object_mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_shapes_eval_scores_the_masks_of_a_segmenting_model(model, shapes_root, tmp_path, monkeypatch):
+    """`unillava eval` on refseg: the runner asks a segmenting model for masks and the scorer uses them."""
+    from unillava.evaluation.runner import evaluate
+    from unillava.inference import InferenceModel
+
+    _force_answer(model, monkeypatch, "<p> it </p> [SEG].")
+    lm = InferenceModel(model)
+    assert lm.supports_segmentation
+    summary = evaluate(lm, shapes_root, ["refseg"], tmp_path, split="test", limit=2, max_new_tokens=8)
+    records = [json.loads(line) for line in (tmp_path / "predictions_refseg.jsonl").read_text().splitlines()]
+    assert records and all(len(r["masks"]) == 1 for r in records)
+    assert summary["tasks"]["refseg"]["counts"]["missing"] == 0

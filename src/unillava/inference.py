@@ -106,6 +106,19 @@ class InferenceModel:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @property
+    def supports_segmentation(self) -> bool:
+        """True for pixel-level models (OMG-LLaVA) that answer with masks for `[SEG]` tokens."""
+        return bool(getattr(self.model, "supports_segmentation", False))
+
+    def generate_with_masks(
+        self, conversations: Sequence[list[Message]], images: Sequence[Sequence[ImageInput]], **kwargs: Any
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(text, masks as COCO RLE) per conversation, for models that segment."""
+        if not self.supports_segmentation:
+            raise UnillavaError("this model does not segment: it has no [SEG] decoder")
+        return self.model.generate_with_masks(conversations, images, **kwargs)
+
     def _autocast(self):
         enabled = self.model.dtype == torch.bfloat16
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -111,7 +111,7 @@ def predict(
                if not isinstance(ref, EmbeddedImage) and not ref.is_file()]
     missing_ids = {item_id for item_id, _ in missing}
     todo = [item for item in items if item.id not in preds and item.id not in missing_ids]
-    masks = bench.segmentation and callable(getattr(model, "generate_with_masks", None))
+    masks = bench.segmentation and bool(getattr(model, "supports_segmentation", False))
     max_new = opts.max_new_tokens or bench.max_new_tokens
     failed: list[str] = []
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,11 +72,18 @@ def predict_task(
                 first_answer = next(i for i, m in enumerate(sample.messages) if m.role == "assistant")
                 conversations.append(sample.messages[:first_answer])
                 images.append([data.image_path(sample, k) for k in range(len(sample.images))])
-            texts = model.generate_conversations(
-                conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens
-            )
-            for sample, text in zip(chunk, texts, strict=True):
-                sink.write(json.dumps({"id": sample.id, "text": text}, ensure_ascii=False) + "\n")
+            if model.supports_segmentation:
+                answers = model.generate_with_masks(
+                    conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens
+                )
+                records = [{"id": s.id, "text": text, "masks": masks} for s, (text, masks) in zip(chunk, answers, strict=True)]
+            else:
+                texts = model.generate_conversations(
+                    conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens
+                )
+                records = [{"id": s.id, "text": text} for s, text in zip(chunk, texts, strict=True)]
+            for record in records:
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
             bar.update(len(chunk))
     bar.close()
