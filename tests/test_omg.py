@@ -23,14 +23,7 @@ from unillava.vision.omg import perception_prior
 IMAGE_SIZE = 128  # stride 64 (ConvNeXt 32 x pixel shuffle 2): a 2 x 2 grid of pixel tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one torch thread, and the suite shares two cores with other work:
-    two threads contending with another process made these tests 10-40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def omg_config(**extra) -> ModelConfig:

@@ -22,14 +22,7 @@ from unillava.perception.matching import linear_sum_assignment
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one torch thread, and the suite shares two cores with other work:
-    two threads contending with another process made these tests 10-40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 import unillava
@@ -46,13 +45,7 @@ def image_message(text: str, *urls: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Servers and tests share two cores with other suites: one torch thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import unillava
@@ -50,11 +49,8 @@ class FakeSegmenter(InferenceModel):
 
 
 @pytest.fixture(scope="module")
-def model(chatty_model_dir) -> Iterator[InferenceModel]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield unillava.load(chatty_model_dir)
-    torch.set_num_threads(before)
+def model(chatty_model_dir, one_torch_thread) -> InferenceModel:
+    return unillava.load(chatty_model_dir)
 
 
 @pytest.fixture(scope="module")
