@@ -397,3 +397,18 @@ def test_shapes_eval_scores_the_masks_of_a_segmenting_model(model, shapes_root, 
     records = [json.loads(line) for line in (tmp_path / "predictions_refseg.jsonl").read_text().splitlines()]
     assert records and all(len(r["masks"]) == 1 for r in records)
     assert summary["tasks"]["refseg"]["counts"]["missing"] == 0
+
+
+def test_generate_json_prints_masks_for_a_segmenting_model(model, tmp_path, monkeypatch, capsys):
+    from unillava.cli import main
+
+    model.save_pretrained(tmp_path / "omg")
+    _force_answer(model, monkeypatch, "<p> the red circle </p> [SEG].")
+    image = tmp_path / "scene.png"
+    _pictures()[0].save(image)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "omg"), "--image", str(image), "--prompt",
+                 "Please segment the red circle in this image.", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "[SEG]" in out["text"] and len(out["masks"]) == 1
+    assert set(out["masks"][0]) >= {"size", "counts"}

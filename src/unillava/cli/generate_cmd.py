@@ -38,15 +38,26 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def run_generate(args: argparse.Namespace) -> int:
     import unillava
+    from unillava.conversation import user_message
     from unillava.data.images import load_image
 
     images = [load_image(path) for path in args.image]
     model = unillava.load(args.model, dtype=args.dtype)
-    text = model.generate(args.prompt, images, **_settings(args))
-    if args.json:
-        print(json.dumps({"text": text}, ensure_ascii=False))
+    result: dict = {}
+    if model.supports_segmentation:
+        # Pixel-level models answer with masks for their [SEG] tokens (greedy, as `unillava segment`).
+        [(text, masks)] = model.generate_with_masks(
+            [[user_message(args.prompt, len(images))]], [images], max_new_tokens=args.max_new_tokens
+        )
+        result = {"text": text, "masks": masks}
     else:
-        print(text)
+        result = {"text": model.generate(args.prompt, images, **_settings(args))}
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(result["text"])
+        if "masks" in result:
+            print(f"({len(result['masks'])} mask(s); use --json or `unillava segment` to get them)")
     return 0
 
 
