@@ -123,6 +123,10 @@ class InferenceModel:
         enabled = self.model.dtype == torch.bfloat16
         return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    def _answer_text(self, new_ids: torch.Tensor, gen: GenerationSettings) -> str:
+        """Generated ids -> the answer: special tokens dropped, cut at the first stop string."""
+        return _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), gen.stop).strip()
+
     def _run(self, conversations: list[list[Message]], images: list[list[Image.Image]], settings, streamer=None):
         batch, _ = self.processor.prompt_batch(conversations, images)
         batch = batch.to(self.model.device)
@@ -181,9 +185,7 @@ class InferenceModel:
             chunk = slice(start, start + batch_size)
             chunk_images = [[_as_image(im) for im in entry] for entry in images[chunk]]
             new_ids = self._run(list(conversations[chunk]), chunk_images, gen)
-            for row in new_ids:
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
-                outputs.append(_cut_at_stop(text, gen.stop).strip())
+            outputs += [self._answer_text(row, gen) for row in new_ids]
             if progress is not None:
                 progress.update(len(chunk_images))
         return outputs
@@ -214,7 +216,7 @@ class InferenceModel:
         gen = GenerationSettings(**settings)
         if not stream:
             row = self._run([conversation], [image_list], gen)[0]
-            return _cut_at_stop(self.tokenizer.decode(row, skip_special_tokens=True), gen.stop).strip()
+            return self._answer_text(row, gen)
         return self._stream(conversation, image_list, gen)
 
     def _stream(self, conversation: list[Message], images: list[Image.Image], gen: GenerationSettings) -> Iterator[str]:
