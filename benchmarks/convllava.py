@@ -29,10 +29,13 @@ in different rows shows the noise.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,18 +150,8 @@ def nearest_multiple(value: int, multiple: int) -> int:
     return max(multiple, int(value / multiple + 0.5) * multiple)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="scaled")
-    parser.add_argument("--resolutions", default="336,448,672,768,1024,1536")
-    parser.add_argument("--cap", type=float, default=30.0, help="skip cells estimated to take longer (s)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1 is steadiest under load)"
-    )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def compute_experiment(args: argparse.Namespace) -> None:
+    """Experiment 5(a): tokens, vision time and prefill time of random towers vs resolution."""
     resolutions = sorted(int(r) for r in args.resolutions.split(","))
     geometry = GEOMETRIES[args.geometry]
     torch.manual_seed(0)
@@ -243,6 +236,330 @@ def main() -> None:
     for name in names:
         print(f"  {name}: vision {exponent(vision[name])}, prefill {exponent(prefill_rows[name])}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+
+
+# -- experiments 5(b) and 5(c): fine detail after training -------------------------------------------------
+#
+# Every resolution of the issue divided by 4 (768/1024/1536 -> 192/256/384 px for the ConvNeXt with stage 5,
+# stride 64 -> 9/16/36 tokens; CLIP ViT-L/14 at 336 px -> a ViT/14 at 84 px, 36 tokens, as many as the
+# ConvNeXt at 384 px), small towers trained from scratch and a tiny random Llama trained fully, so that the
+# input resolution is what differs between arms. Data: `unillava data shapes` scenes at 384 px whose "fine"
+# profile carries 5-9 px characters (legible at 384 px, a 1-2 px smudge at 84 px) and small objects.
+
+DETAIL_TASKS = ("fine_text", "fine_count")
+DETAIL_SCENE_SIZE = 384
+DETAIL_LLM: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+DETAIL_CONVNEXT: dict[str, Any] = {"depths": [1, 1, 2, 1], "hidden_sizes": [16, 32, 64, 128]}
+DETAIL_STAGE5: dict[str, Any] = {"depth": 1, "width": 256}
+DETAIL_VIT: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+}
+PRETRAIN_SIZE = 128  # the low-resolution pre-training of 5(c): the analog of CLIP ConvNeXt's 256 px (/2)
+
+
+@dataclass
+class Arm:
+    """One trained model of an experiment: its tower and what of the tower trains."""
+
+    name: str
+    label: str
+    vision: VisionConfig
+    train_vision: bool = True
+    unfreeze_from_stage: int | None = None
+    layer_decay: float | None = None
+
+
+def convnext_vision(size: int, pretrained: str | None = None) -> VisionConfig:
+    return VisionConfig(
+        type="convnext",
+        pretrained=pretrained,
+        hf_config=None if pretrained else DETAIL_CONVNEXT,
+        select_layer=-1,
+        image_size=size,
+        extra={"add_stage5": DETAIL_STAGE5},
+    )
+
+
+def vit_vision(size: int, patch: int) -> VisionConfig:
+    hf_config = {**DETAIL_VIT, "image_size": size, "patch_size": patch}
+    return VisionConfig(type="clip", hf_config=hf_config, select_layer=-1, image_size=size)
+
+
+def detail_arms() -> list[Arm]:
+    """5(b): ConvNeXt + stage 5 at 192/256/384 px against ViTs with 36 tokens, all from scratch."""
+    return [
+        Arm("vit14-84", "ViT/14 @ 84 px (336/4)", vit_vision(84, 14)),
+        Arm("vit64-384", "ViT/64 @ 384 px", vit_vision(384, 64)),
+        Arm("convnext-192", "ConvNeXt+s5 @ 192 px (768/4)", convnext_vision(192)),
+        Arm("convnext-256", "ConvNeXt+s5 @ 256 px (1024/4)", convnext_vision(256)),
+        Arm("convnext-384", "ConvNeXt+s5 @ 384 px (1536/4)", convnext_vision(384)),
+    ]
+
+
+def frozen_arms(tower: str) -> list[Arm]:
+    """5(c): the low-resolution pre-trained tower at 384 px, frozen or trained from stage 3 (+ LLRD)."""
+    return [
+        Arm("frozen", "frozen", convnext_vision(384, tower), train_vision=False),
+        Arm("stage3", "stages 3-5 train", convnext_vision(384, tower), unfreeze_from_stage=3),
+        Arm(
+            "stage3-llrd",
+            "stages 3-5 train, LLRD 0.5",
+            convnext_vision(384, tower),
+            unfreeze_from_stage=3,
+            layer_decay=0.5,
+        ),
+    ]
+
+
+def make_data(args: argparse.Namespace) -> Path:
+    """The procedural fine-detail data set; generated once and reused when its manifest matches."""
+    from unillava.data.shapes import generate_dataset
+
+    data = Path(args.data)
+    wanted = {
+        "n": args.n_train,
+        "n_val": 1,
+        "n_test": args.n_test,
+        "seed": 0,
+        "min_size": DETAIL_SCENE_SIZE,
+        "max_size": DETAIL_SCENE_SIZE,
+        "aspect_range": [1.0, 1.0],
+        "difficulty": "easy",
+        "tasks": list(DETAIL_TASKS),
+    }
+    manifest = data / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("arguments") == wanted:
+        return data
+    arguments = {**wanted, "aspect_range": (1.0, 1.0)}
+    generate_dataset(data, arguments.pop("n"), arguments.pop("seed"), **arguments, workers=1, overwrite=True)
+    return data
+
+
+def train_config(arm: Arm, data: Path, out: Path, args: argparse.Namespace, steps: int) -> Any:
+    """The arm's recipe: the same LLM, data, steps, batch, LR and seed for every arm."""
+    from unillava.config import LLMConfig, ModelConfig, ProjectorConfig
+    from unillava.llm import EMBEDDED_DEFAULT
+    from unillava.training.config import DataConfig, TrainConfig
+
+    return TrainConfig(
+        model=ModelConfig(
+            vision=arm.vision,
+            projector=ProjectorConfig(type="mlp2x_gelu"),
+            llm=LLMConfig(pretrained=None, tokenizer=EMBEDDED_DEFAULT, hf_config=DETAIL_LLM),
+            max_length=256,
+        ),
+        data=DataConfig(
+            train_files=[str(data / "tasks" / "train" / f"{t}.jsonl") for t in DETAIL_TASKS],
+            image_root=str(data),
+            num_workers=0,
+        ),
+        train_projector=True,
+        train_llm="full",
+        train_vision=arm.train_vision,
+        vision_unfreeze_from_stage=arm.unfreeze_from_stage,
+        vision_lr_layer_decay=arm.layer_decay,
+        lr=args.lr,
+        warmup_ratio=0.05,
+        lr_scheduler="cosine",
+        max_steps=steps,
+        per_device_batch_size=args.batch,
+        global_batch_size=args.batch,
+        seed=0,
+        output_dir=str(out / arm.name),
+        log_every=max(1, steps // 20),
+        progress=False,
+    )
+
+
+def vision_gflops(model: Any) -> float:
+    """Forward GFLOPs of the tower on one image (matmuls and convolutions, as torch counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = model.config.vision.image_size
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.vision_tower.encode_batch(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def run_arm(arm: Arm, data: Path, out: Path, args: argparse.Namespace, steps: int) -> dict[str, Any]:
+    """Train one arm with unillava's trainer (what `unillava train` runs), then `unillava eval` it."""
+    import yaml
+
+    import unillava
+    from unillava.config import to_dict
+    from unillava.evaluation.runner import evaluate
+    from unillava.training.trainer import Trainer
+
+    config = train_config(arm, data, out, args, steps)
+    (out / arm.name).mkdir(parents=True, exist_ok=True)
+    recipe = out / arm.name / "recipe.yaml"  # `unillava train recipe.yaml` reproduces the arm
+    recipe.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    trainer = Trainer(config)
+    trainable = sum(p.numel() for p in trainer.model.vision_tower.parameters() if p.requires_grad)
+    started = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - started
+    assert result.model_dir is not None
+    model = unillava.load(result.model_dir)
+    size = arm.vision.image_size
+    row: dict[str, Any] = {
+        "arm": arm.name,
+        "label": arm.label,
+        "tokens": model.model.vision_tower.num_tokens(size, size),
+        "gflops": vision_gflops(model.model),
+        "trainable_tower_m": trainable / 1e6,
+        "train_s": train_s,
+        "steps": steps,
+        "final_loss": result.losses[max(result.losses)] if result.losses else float("nan"),
+        "model_dir": str(result.model_dir),
+    }
+    started = time.perf_counter()
+    summary = evaluate(
+        model,
+        data,
+        list(DETAIL_TASKS),
+        out / arm.name / "eval",
+        limit=args.eval_limit,
+        batch_size=16,
+        max_new_tokens=4,
+        report_samples=2,
+    )
+    row["eval_s"] = time.perf_counter() - started
+    for task in DETAIL_TASKS:
+        results = summary["tasks"][task]
+        row[task] = 100 * results["metrics"]["accuracy"]
+        row[f"{task}_n"] = results["counts"]["annotations"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def majority_row(data: Path, limit: int | None) -> dict[str, Any]:
+    """The most frequent training answer of each task, scored on the test split: the no-image floor."""
+    row: dict[str, Any] = {"label": "majority answer (no image)", "tokens": 0}
+    for task in DETAIL_TASKS:
+        train = [json.loads(line) for line in (data / "tasks" / "train" / f"{task}.jsonl").open()]
+        test = [json.loads(line) for line in (data / "tasks" / "test" / f"{task}.jsonl").open()][:limit]
+        top = Counter(r["conversations"][1]["value"].lower() for r in train).most_common(1)[0][0]
+        hits = sum(top in [a.lower() for a in r["answers"]] for r in test)
+        row[task] = 100 * hits / max(1, len(test))
+        row[f"{task}_n"] = len(test)
+    return row
+
+
+def print_detail_table(rows: list[dict[str, Any]]) -> None:
+    header = [
+        "arm",
+        "tokens",
+        "tower GFLOP/img",
+        "fine_text acc %",
+        "fine_count acc %",
+        "train s",
+        "final loss",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        trained = "train_s" in row
+        cells = [
+            row["label"],
+            str(row["tokens"]) if trained else "-",
+            f"{row['gflops']:.3f}" if trained else "-",
+            f"{row['fine_text']:.1f}",
+            f"{row['fine_count']:.1f}",
+            f"{row['train_s']:.0f}" if trained else "-",
+            f"{row['final_loss']:.3f}" if trained else "-",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    n = ", ".join(f"{t} n={rows[0][f'{t}_n']}" for t in DETAIL_TASKS)
+    print(f"\ntest questions: {n}")
+
+
+def export_tower(model_dir: str, tower_dir: Path) -> str:
+    """Save a trained model's ConvNeXt as a transformers directory, the form `vision.pretrained` loads."""
+    from unillava.modeling import LlavaModel
+
+    LlavaModel.from_pretrained(model_dir).vision_tower.model.save_pretrained(tower_dir)
+    return str(tower_dir)
+
+
+def training_experiment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Experiments 5(b) (`detail`) and 5(c) (`frozen`); prints a markdown table, returns its rows."""
+    started = time.perf_counter()
+    out = Path(args.out)
+    data = make_data(args)
+    print(
+        f"data: {data} ({args.n_train} train / {args.n_test} test scenes at {DETAIL_SCENE_SIZE} px)",
+        flush=True,
+    )
+    rows: list[dict[str, Any]] = []
+    if args.experiment == "detail":
+        arms = detail_arms()
+    else:
+        pretrain = Arm("pretrain-128", f"pre-training @ {PRETRAIN_SIZE} px", convnext_vision(PRETRAIN_SIZE))
+        if args.arms is None or pretrain.name in args.arms:
+            rows.append(run_arm(pretrain, data, out, args, args.pretrain_steps))
+            tower = export_tower(rows[-1]["model_dir"], out / "pretrained-tower")
+        else:
+            tower = str(out / "pretrained-tower")
+        arms = frozen_arms(tower)
+    for arm in arms:
+        if args.arms is None or arm.name in args.arms:
+            rows.append(run_arm(arm, data, out, args, args.steps))
+    print(
+        f"\nexperiment {args.experiment}: {args.steps} steps x batch {args.batch} per arm, lr {args.lr}, "
+        f"torch threads {torch.get_num_threads()}\n"
+    )
+    print_detail_table([*rows, majority_row(data, args.eval_limit)])
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f} s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--experiment", choices=["compute", "detail", "frozen"], default="compute")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is steadiest under load)"
+    )
+    compute = parser.add_argument_group("compute (5a)")
+    compute.add_argument("--geometry", choices=sorted(GEOMETRIES), default="scaled")
+    compute.add_argument("--resolutions", default="336,448,672,768,1024,1536")
+    compute.add_argument("--cap", type=float, default=30.0, help="skip cells estimated to take longer (s)")
+    trained = parser.add_argument_group("detail (5b) and frozen (5c)")
+    trained.add_argument(
+        "--data", default="runs/convllava-detail/data", help="shapes data set (made if absent)"
+    )
+    trained.add_argument("--out", default=None, help="runs/convllava-EXPERIMENT by default")
+    trained.add_argument("--n-train", type=int, default=3000, help="train scenes (every 5th is a fine one)")
+    trained.add_argument("--n-test", type=int, default=500, help="test scenes")
+    trained.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
+    trained.add_argument("--pretrain-steps", type=int, default=300, help="5(c): low-resolution steps")
+    trained.add_argument("--batch", type=int, default=16)
+    trained.add_argument("--lr", type=float, default=1e-3)
+    trained.add_argument("--eval-limit", type=int, default=None, help="test questions per task")
+    trained.add_argument("--arms", type=lambda v: v.split(","), default=None, help="run only these arms")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.experiment == "compute":
+        compute_experiment(args)
+    else:
+        args.out = args.out or f"runs/convllava-{args.experiment}"
+        training_experiment(args)
 
 
 if __name__ == "__main__":

@@ -485,3 +485,47 @@ def test_stage2_recipe_key_unfreezes_from_stage3(tmp_path):
     encoder = Trainer(config).model.vision_tower.model.encoder
     trainable = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}
     assert trainable == {"2", "3", "4"}  # zero-based: stages 3, 4 and 5
+
+
+def test_layer_wise_lr_decay_gives_each_stage_its_own_lr():
+    """vision_lr_layer_decay d: stage 5 at vision_lr, each stage below one more factor d, the stem d^5."""
+    from unillava.training.trainer import param_groups
+
+    torch.manual_seed(0)
+    model = LlavaModel.from_config(_model_config(unfreeze_from_stage=3))
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    model.vision_tower.requires_grad_(True)
+    config = TrainConfig(model=_model_config(), lr=1e-2, vision_lr=1e-3, vision_lr_layer_decay=0.5)
+    config.data.train_files = ["unused.jsonl"]
+    config.validate()
+    groups = {g["name"]: g for g in param_groups(model, config)}
+    assert {name: g["lr"] for name, g in groups.items()} == pytest.approx(
+        {"projector": 1e-2, "vision.depth0": 1e-3, "vision.depth1": 5e-4, "vision.depth2": 2.5e-4}
+    )
+    stages = model.vision_tower.model.encoder.stages
+    for index, depth in ((4, 0), (3, 1), (2, 2)):  # zero-based stages 5, 4, 3
+        params = groups[f"vision.depth{depth}"]["params"]
+        assert {id(p) for p in stages[index].parameters()} == {id(p) for p in params}
+
+    model.vision_tower.set_unfreeze_from_stage(0)  # the whole tower; weight decay splits each stage in two
+    config.weight_decay = 0.1
+    lrs = {g["name"]: g["lr"] for g in param_groups(model, config)}
+    assert lrs["vision.depth5"] == lrs["vision.depth5.no_decay"] == pytest.approx(1e-3 * 0.5**5)  # the stem
+    assert len([n for n in lrs if n.startswith("vision.")]) == 12
+    config.vision_lr_layer_decay = 1.0  # off: one vision group, as without the field
+    names = {g["name"] for g in param_groups(model, config)}
+    assert names == {"projector", "projector.no_decay", "vision", "vision.no_decay"}
+    config.vision_lr_layer_decay = 1.5
+    with pytest.raises(ConfigError, match="vision_lr_layer_decay"):
+        config.validate()
+
+
+def test_layer_wise_lr_decay_needs_a_staged_tower():
+    from unillava.training.trainer import param_groups
+
+    config = load_config(TrainConfig, CONFIGS / "tiny/stage1.yaml")
+    assert config.model is not None
+    config.vision_lr_layer_decay = 0.8
+    with pytest.raises(ConfigError, match="'clip' tower has no stages"):
+        param_groups(LlavaModel.from_config(config.model), config)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from unillava.conversation import Message, encode_segments, get_template, user_message
-from unillava.errors import ConfigError
+from unillava.errors import ConfigError, UnillavaError
 from unillava.llm import EMBEDDED_DEFAULT
 from unillava.modeling import LlavaModel
 from unillava.omg import OMG_TOKENS, SEG_TOKEN, OMGLlavaModel, phrases_for_segs, seg_batch
@@ -196,6 +196,55 @@ def test_seg_loss_trains_the_seg_head(shapes_root):
         model(**{**seg.inputs(), "seg_masks": [seg.seg_masks[0], seg.seg_masks[1][:0]]})
 
 
+def test_trainable_seg_decoder_copy_trains_alone(shapes_root, tmp_path):
+    torch.manual_seed(0)
+    model = LlavaModel.from_config(omg_config(seg_decoder="trainable"))
+    tower = model.vision_tower
+    original = tower.perception.model.transformer_module.decoder
+    assert tower.seg_decoder is not original
+    seg = seg_batch(model, _records(shapes_root, "refseg"), shapes_root)
+    hidden = torch.randn(2, model.language_model.config.hidden_size)
+    pixels = seg.inputs()["images"][0]
+    with torch.no_grad():
+        copied = model.decode_seg(pixels, hidden).mask_logits[-1]
+        memory = tower.memory_for(pixels).memory.select(0, repeat=2)
+        content, position = model.seg_head(hidden).split(tower.perception.hidden_dim, dim=-1)
+        frozen = tower.perception.decode(memory, content[:, None], position[:, None]).mask_logits[-1]
+    assert torch.allclose(copied, frozen, atol=1e-6)  # the copy starts as the frozen decoder
+    model.requires_grad_(False)
+    tower.requires_grad_(True)
+    out = model(**seg.inputs())
+    (2.0 * out.mask_bce + 0.5 * out.mask_dice).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tower.seg_decoder.parameters())
+    assert all(p.grad is None for p in tower.perception.parameters())
+    with torch.no_grad():
+        next(tower.seg_decoder.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "omg")
+    loaded = LlavaModel.from_pretrained(tmp_path / "omg")
+    for key, value in loaded.vision_tower.seg_decoder.state_dict().items():
+        assert torch.equal(value, tower.seg_decoder.state_dict()[key]), key
+    with pytest.raises(ConfigError, match="seg_decoder"):
+        LlavaModel.from_config(omg_config(seg_decoder="copy"))
+
+
+def test_prompts_outside_the_image_follow_the_stated_rule():
+    from unillava.errors import DataError
+    from unillava.perception.prompts import prompt_region
+
+    clipped = prompt_region({"type": "box", "box": [90, 50, -20, 500]}, 100, 60, 128)  # reversed, past the edges
+    assert torch.equal(clipped.region, prompt_region({"type": "box", "box": [0, 50, 90, 60]}, 100, 60, 128).region)
+    with pytest.raises(DataError, match="outside the 100x60 image"):
+        prompt_region({"type": "box", "box": [120, 10, 150, 40]}, 100, 60, 128)
+    with pytest.raises(DataError, match="no area"):
+        prompt_region({"type": "box", "box": [10, 10, 10, 40]}, 100, 60, 128)
+    with pytest.raises(DataError, match="outside the 100x60 image"):
+        prompt_region({"type": "point", "point": [50, 61]}, 100, 60, 128)
+    with pytest.raises(DataError, match="'point' as 2 numbers"):
+        prompt_region({"type": "point", "point": [50]}, 100, 60, 128)
+    with pytest.raises(DataError, match="empty"):
+        prompt_region({"type": "mask", "mask": np.zeros((60, 100), bool)}, 100, 60, 128)
+
+
 def test_prompt_regions_in_the_input_frame():
     from unillava.perception.prompts import deepest_point, prompt_region
 
@@ -261,6 +310,18 @@ def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
     answer, masks = model.chat_pixels([user_message("What is this?", 1)], pictures[:1], prompts,
                                       settings=GenerationSettings(max_new_tokens=8), return_masks=True)
     assert len(masks) == 2
+
+
+def test_markers_and_prompts_must_pair_up_and_no_seg_means_no_masks(model, monkeypatch):
+    picture = _pictures()[0]
+    box = {"type": "box", "box": [10, 10, 60, 40]}
+    with pytest.raises(UnillavaError, match="1 <region>/<mark> marker"):
+        model.segment(picture, "What is in <region>?")
+    with pytest.raises(UnillavaError, match="2 <region>/<mark> marker"):
+        model.segment(picture, "Compare <region> and <region>.", visual_prompts=[box])
+    _force_answer(model, monkeypatch, "A red shape.")
+    result = model.segment(picture, "What is in <region>?", visual_prompts=[box])
+    assert result.text == "A red shape." and result.masks == [] and result.rles == []
 
 
 def test_segment_cli_writes_masks_and_overlay(model, tmp_path, monkeypatch, capsys):
@@ -397,6 +458,17 @@ def test_shapes_eval_scores_the_masks_of_a_segmenting_model(model, shapes_root, 
     records = [json.loads(line) for line in (tmp_path / "predictions_refseg.jsonl").read_text().splitlines()]
     assert records and all(len(r["masks"]) == 1 for r in records)
     assert summary["tasks"]["refseg"]["counts"]["missing"] == 0
+    seen = []
+    answer = model.tokenizer("a red circle", add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
+
+    def generate_recording_prompts(self, input_ids, attention_mask=None, images=None, visual_prompts=None, **kw):
+        seen.append(visual_prompts)
+        return torch.tensor([answer] * input_ids.shape[0])
+
+    monkeypatch.setattr(OMGLlavaModel, "generate", generate_recording_prompts)
+    summary = evaluate(lm, shapes_root, ["region_caption"], tmp_path, split="test", limit=2, max_new_tokens=8)
+    assert seen and all(len(row) == 1 for call in seen for row in call)  # each record's prompt reached the model
+    assert summary["tasks"]["region_caption"]["counts"]["missing"] == 0
 
 
 def test_generate_json_prints_masks_for_a_segmenting_model(model, tmp_path, monkeypatch, capsys):

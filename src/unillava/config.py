@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -141,6 +142,63 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def flatten_overrides(overrides: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys ({"vision": {"extra": {"a": 1}}} -> {"vision.extra.a": 1}), so a
+    recipe may write either form (a CLI `model_overrides.vision.extra.a=1` nests) and mapping-valued
+    fields such as `vision.extra` are updated key by key, not replaced."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_overrides(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_override_keys(cls: type, overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The flattened `overrides` after checking every dotted key names a field of dataclass `cls` (keys
+    below a mapping-valued field such as `vision.extra` are free); a bad key names `where` and the key."""
+    flat = flatten_overrides(overrides)
+    for key in flat:
+        parts = key.split(".")
+        node: Any = cls
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break
+            names = [f.name for f in dataclasses.fields(node)]
+            owner = ".".join(parts[:i]) or "the config"
+            if part not in names:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} ({owner} has no field {part!r}; known: {', '.join(names)})"
+                )
+            tp = typing.get_type_hints(node)[part]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+                tp = args[0]
+            if i < len(parts) - 1 and not (dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict):
+                raise ConfigError(f"{where}: key {key!r}: {'.'.join(parts[: i + 1])} is not a mapping")
+            node = tp
+    return flat
+
+
+def override_dataclass(obj: T, overrides: Mapping[str, Any], where: str) -> T:
+    """A copy of config `obj` with dotted-key `overrides` applied, checked like a config file (a wrong key
+    or type names `where`)."""
+    flat = check_override_keys(type(obj), overrides, where)
+    data = to_dict(obj)
+    for key, value in flat.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            node = child
+        node[last] = value
+    return from_dict(type(obj), data, where=where)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

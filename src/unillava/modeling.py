@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import AddedToken, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from unillava.config import ModelConfig, from_dict
+from unillava.config import ModelConfig, from_dict, override_dataclass
 from unillava.conversation import IGNORE_INDEX
 from unillava.errors import CheckpointError
 from unillava.llm import build_language_model_from_config, load_language_model
@@ -93,8 +94,13 @@ class LlavaModel(nn.Module):
         return cls(config, tower, language_model, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
-        """Load a directory written by `save_pretrained` without any network or other directory."""
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, overrides: Mapping[str, Any] | None = None
+    ) -> LlavaModel:
+        """Load a directory written by `save_pretrained` without any network or other directory.
+
+        `overrides`: dotted model-config keys (`{"vision.extra.object_regularizer": 0.0}`) applied to the
+        saved config before the model is built (a training recipe's `model_overrides`, named so in errors)."""
         path = Path(path)
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
@@ -108,6 +114,8 @@ class LlavaModel(nn.Module):
             raise CheckpointError(f"{config_file}: malformed ({err})") from None
         config.vision.pretrained = None
         config.vision.hf_config = vision_hf_config
+        if overrides:
+            config = override_dataclass(config, overrides, where="model_overrides")
         if cls is LlavaModel:
             cls = model_class_for(config)
         tower = build_vision_tower(config.vision)

@@ -39,20 +39,21 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from unillava.config import ModelConfig
 from unillava.conversation import IGNORE_INDEX, Message, user_message
 from unillava.data.images import load_image
-from unillava.data.llava_format import parse_record
-from unillava.data.shapes import decode_mask
+from unillava.data.llava_format import MARK_TOKEN, REGION_TOKEN, SEG_TOKEN, parse_record
 from unillava.errors import ConfigError, UnillavaError
+from unillava.hub.omg_xtuner import (  # noqa: F401  (re-exported: the old names)
+    XTUNER_PREFIXES,
+    XTUNER_SEPARATOR,
+    convert_xtuner_projectors,
+)
 from unillava.modeling import LlavaModel, splice_image_features
 from unillava.perception.geometry import PadGeometry
 from unillava.perception.model import DecodeOutput
-from unillava.perception.prompts import PromptRegion, encode_prompts, prompt_region
+from unillava.perception.prompts import PromptRegion, encode_prompts, mask_targets, prompt_regions
 from unillava.vision import VisionTower
 
-SEG_TOKEN = "[SEG]"
 PHRASE_START = "<p>"
 PHRASE_END = "</p>"
-REGION_TOKEN = "<region>"
-MARK_TOKEN = "<mark>"
 OMG_TOKENS = (SEG_TOKEN, PHRASE_START, PHRASE_END, REGION_TOKEN, MARK_TOKEN)
 MASK_BCE_WEIGHT = 2.0
 MASK_DICE_WEIGHT = 0.5
@@ -154,13 +155,14 @@ class OMGLlavaModel(LlavaModel):
 
     def decode_seg(self, pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> DecodeOutput:
         """Masks for [SEG] hidden states (N, H) over one image (3, H, W): N independent extra queries
-        through the frozen decoder; mask logits (N, 1, H/4, W/4) per decoder layer."""
+        through the frozen decoder (or its trainable copy, `vision.extra.seg_decoder: trainable`); mask
+        logits (N, 1, H/4, W/4) per decoder layer."""
         tower = self.vision_tower
         perception = tower.perception
         memory = tower.memory_for(pixel_values).memory.select(0, repeat=seg_hidden.shape[0])
         query = self.seg_head(seg_hidden).to(memory.mask_features.dtype)
         content, position = query.split(perception.hidden_dim, dim=-1)
-        return perception.decode(memory, content[:, None], position[:, None])
+        return perception.decode(memory, content[:, None], position[:, None], decoder=tower.seg_decoder)
 
     def _images_per_row(self, input_ids: torch.Tensor, counts: list[int]) -> list[list[int]]:
         """Which images (flat indices) each row's image tokens belong to, from the tokens they take."""
@@ -189,7 +191,7 @@ class OMGLlavaModel(LlavaModel):
         input_ids: torch.Tensor,
         images: list[torch.Tensor],
         counts: list[int],
-        visual_prompts: Sequence[Sequence[PromptRegion]],
+        visual_prompts: Sequence[Sequence[PromptRegion] | None],
     ) -> torch.Tensor:
         marker_ids = torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]], device=input_ids.device)
         rows = self._images_per_row(input_ids, counts)
@@ -197,6 +199,8 @@ class OMGLlavaModel(LlavaModel):
             raise ValueError(f"visual_prompts: {len(visual_prompts)} rows for a batch of {input_ids.shape[0]}")
         embeds = embeds.clone()
         for row, prompts in enumerate(visual_prompts):
+            if prompts is None:  # a row without prompt data: its markers stay plain tokens
+                continue
             positions = torch.isin(input_ids[row], marker_ids).nonzero().flatten()
             if len(positions) != len(prompts):
                 raise ValueError(f"row {row}: {len(positions)} <region>/<mark> token(s) but {len(prompts)} prompt(s)")
@@ -213,7 +217,7 @@ class OMGLlavaModel(LlavaModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         images: list[torch.Tensor] | None,
-        visual_prompts: Sequence[Sequence[PromptRegion]] | None = None,
+        visual_prompts: Sequence[Sequence[PromptRegion] | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """Embeddings with image features spliced in (and visual prompts at `<region>`/`<mark>`), the
         attention mask without the empty object slots, position ids counted over attended tokens only (as
@@ -235,14 +239,18 @@ class OMGLlavaModel(LlavaModel):
     def object_regularizer_loss(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """Stage 1's regulariser MSE(P_t(P_v(T)), T): object queries T sent into the LLM's space (P_v, the
         object path) and back (P_t, the [SEG] head) should come back unchanged, so the LLM's object
-        tokens stay decodable by the segmenter."""
+        tokens stay decodable by the segmenter. The MSE is taken per image and averaged over the images
+        (an image without objects counts 0), so a batch split into micro-batches averages to the same."""
         tower = self.vision_tower
         queries = [part.objects for image in images for part in tower.encode_parts(image[None])]
-        target = torch.cat(queries) if queries else torch.zeros(0, tower.query_dim)
-        if len(target) == 0:
+        sizes = [len(q) for q in queries]
+        if sum(sizes) == 0:
             return tower.separator.new_zeros((), dtype=torch.float32)
+        target = torch.cat(queries)
         round_trip = self.seg_head(tower.project_queries(target))
-        return F.mse_loss(round_trip.float(), target.to(round_trip.device).float())
+        errors = (round_trip.float() - target.to(round_trip.device).float()).pow(2).mean(-1)
+        per_image = [chunk.mean() if len(chunk) else errors.new_zeros(()) for chunk in errors.split(sizes)]
+        return torch.stack(per_image).mean()
 
     def forward(
         self,
@@ -251,17 +259,26 @@ class OMGLlavaModel(LlavaModel):
         images: list[torch.Tensor] | None = None,
         labels: torch.Tensor | None = None,
         loss_reduction: str | None = None,
-        seg_masks: list[torch.Tensor] | None = None,
-        visual_prompts: Sequence[Sequence[PromptRegion]] | None = None,
+        seg_masks: Sequence[torch.Tensor | None] | None = None,
+        visual_prompts: Sequence[Sequence[PromptRegion] | None] | None = None,
+        global_counts: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """The core forward's contract (`loss_reduction="sum"`: summed text CE, no logits), with empty
         object slots masked. With `seg_masks` (per row, (n_row, H, W) targets in the input frame, one per
-        [SEG] of the row) the loss adds 2.0 * mask BCE + 0.5 * Dice, summed over masks under "sum" like the
-        text term over tokens, otherwise both are means. `visual_prompts`: per row, the regions that fill
-        its `<region>`/`<mark>` tokens in order (`prompt_region`). With labels and
+        [SEG] of the row; None: the row has no mask data and its [SEG] train as text only) the loss adds
+        2.0 * mask BCE + 0.5 * Dice, summed over masks under "sum" like the text term over tokens, otherwise
+        both are means. `visual_prompts`: per row, the regions that fill its `<region>`/`<mark>` tokens in
+        order (`prompt_region`; None: markers stay plain tokens). With labels and
         `vision.extra.object_regularizer` = w > 0, w * `object_regularizer_loss` is added (times the
-        supervised token count under "sum", so the trainer's per-token average leaves w * MSE)."""
+        supervised token count under "sum", so the trainer's per-token average leaves w * MSE).
+
+        `global_counts` ("tokens", "masks", "images" of the whole global batch, summed over micro-batches
+        and processes) is how the trainer makes every term split-invariant: it divides the summed loss by
+        the global token count, so under "sum" the mask terms are scaled by tokens / masks and the
+        regulariser by tokens / images * (this batch's images). The step's loss is then text CE per token
+        + 2.0 * BCE and 0.5 * Dice per mask + w * MSE per image, however the global batch is split.
+        `mask_bce` / `mask_dice` / `object_regularizer` in the output stay unscaled."""
         if loss_reduction not in (None, "sum"):
             raise ValueError('loss_reduction="sum" is the only reduction')
         embeds, mask, positions, counts = self.prepare_inputs(input_ids, attention_mask, images, visual_prompts)
@@ -287,7 +304,11 @@ class OMGLlavaModel(LlavaModel):
             loss = text_loss = F.cross_entropy(logits.float(), targets[supervised],
                                                reduction="sum" if loss_reduction == "sum" else "mean")
             if regularizer is not None:
-                scale = int(supervised.sum()) if loss_reduction == "sum" else 1
+                scale = 1.0
+                if loss_reduction == "sum":
+                    scale = float(supervised.sum())
+                    if global_counts is not None and global_counts.get("images"):
+                        scale = global_counts["tokens"] * len(images) / global_counts["images"]  # type: ignore[arg-type]
                 loss = loss + weight * regularizer * scale
         bce = dice = None
         mask_logits = []
@@ -295,6 +316,8 @@ class OMGLlavaModel(LlavaModel):
             rows = self._images_per_row(input_ids, counts)
             bces, dices = [], []
             for row, targets_row in enumerate(seg_masks):
+                if targets_row is None:
+                    continue
                 seg_positions = (input_ids[row] == self.seg_token_id).nonzero().flatten()
                 if len(seg_positions) != len(targets_row):
                     raise ValueError(
@@ -314,6 +337,8 @@ class OMGLlavaModel(LlavaModel):
             bce = reduce(torch.cat(bces)) if bces else zero
             dice = reduce(torch.cat(dices)) if dices else zero
             masks_loss = MASK_BCE_WEIGHT * bce + MASK_DICE_WEIGHT * dice
+            if loss_reduction == "sum" and global_counts is not None and global_counts.get("masks"):
+                masks_loss = masks_loss * (global_counts["tokens"] / global_counts["masks"])
             loss = masks_loss if loss is None else loss + masks_loss
         return OMGOutput(loss=loss, text_loss=text_loss, mask_bce=bce, mask_dice=dice, seg_mask_logits=mask_logits,
                          object_regularizer=regularizer)
@@ -356,15 +381,17 @@ class OMGLlavaModel(LlavaModel):
         self, visual_prompts: Sequence[Mapping[str, Any]], pictures: Sequence[Image.Image]
     ) -> list[PromptRegion]:
         """Prompt dicts in image pixels (the server's and the shapes data's format) -> input-frame regions."""
-        size = self.config.vision.image_size
-        regions = []
-        for prompt in visual_prompts:
-            index = int(prompt.get("image_index", 0) or 0)
-            if not 0 <= index < len(pictures):
-                raise UnillavaError(f"a visual prompt marks image {index} but there are {len(pictures)} image(s)")
-            picture = pictures[index]
-            regions.append(prompt_region(prompt, picture.width, picture.height, size))
-        return regions
+        return prompt_regions(visual_prompts, [(p.width, p.height) for p in pictures], self.config.vision.image_size)
+
+    def _check_prompt_markers(self, input_ids: torch.Tensor, regions: Sequence[Sequence[Any]] | None) -> None:
+        """The stated rule: each `<region>`/`<mark>` in a prompt needs exactly one visual prompt and each
+        prompt one marker (`segment` and `chat_pixels` append markers when the text has none)."""
+        markers = torch.isin(input_ids, torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]]))
+        for row, count in enumerate(markers.sum(dim=1).tolist()):
+            given = 0 if regions is None else len(regions[row])
+            if count != given:
+                raise UnillavaError(f"conversation {row}: {count} <region>/<mark> marker(s) but {given} visual "
+                                    "prompt(s); give one box/point/mask per marker")
 
     @torch.no_grad()
     def generate_results(
@@ -373,7 +400,7 @@ class OMGLlavaModel(LlavaModel):
         images: Sequence[Sequence[Image.Image]],
         *,
         max_new_tokens: int = 256,
-        visual_prompts: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+        visual_prompts: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
     ) -> list[SegmentationResult]:
         """Greedy answers, then one teacher-forced pass per answer to read the [SEG] hidden states and
         decode their masks at each image's own size (binarised at probability 0.5). `visual_prompts`: per
@@ -384,8 +411,9 @@ class OMGLlavaModel(LlavaModel):
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         regions = None
         if visual_prompts is not None:
-            regions = [self.prompt_regions(p, ims) for p, ims in zip(visual_prompts, images, strict=True)]
+            regions = [self.prompt_regions(p or [], ims) for p, ims in zip(visual_prompts, images, strict=True)]
         batch, lengths = processor.prompt_batch(list(conversations), [list(ims) for ims in images])
+        self._check_prompt_markers(batch.input_ids, regions)
         batch = batch.to(self.device)
         new_ids = self.generate(batch.input_ids, attention_mask=batch.attention_mask, images=batch.images,
                                 visual_prompts=regions, **settings.generate_kwargs(processor))
@@ -447,15 +475,18 @@ class OMGLlavaModel(LlavaModel):
         batch_size: int = 8,
         max_new_tokens: int = 256,
         progress: Any = None,
+        visual_prompts: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
     ) -> list[tuple[str, list[dict[str, Any]]]]:
-        """The benchmark runner's hook: (text, masks as COCO RLE dicts) per conversation."""
+        """The benchmark runner's hook: (text, masks as COCO RLE dicts) per conversation; `visual_prompts`
+        (per conversation, None for none) fill the `<region>`/`<mark>` markers of region tasks."""
         from unillava.inference import _as_image
 
         out: list[tuple[str, list[dict[str, Any]]]] = []
         for start in range(0, len(conversations), batch_size):
             chunk = [[_as_image(im) for im in entry] for entry in images[start : start + batch_size]]
+            prompts = None if visual_prompts is None else visual_prompts[start : start + batch_size]
             for result in self.generate_results(conversations[start : start + batch_size], chunk,
-                                                max_new_tokens=max_new_tokens):
+                                                max_new_tokens=max_new_tokens, visual_prompts=prompts):
                 out.append((result.text, result.rles))
             if progress is not None:
                 progress.update(len(chunk))
@@ -524,44 +555,16 @@ def seg_batch(model: OMGLlavaModel, records: Sequence[Mapping[str, Any]], image_
         pixels = processor.preprocess_images(pictures)
         encoded.append(processor.encode(sample.messages, pixels))
         pixel_lists.append(pixels)
-        masks = []
-        geometry = PadGeometry(pictures[-1].width, pictures[-1].height, size)
-        for rle in record.get("masks") or []:
-            masks.append(geometry.mask_to_input(decode_mask(rle)))
-        targets.append(torch.stack(masks) if masks else torch.zeros(0, size, size))
+        rles = record.get("masks") or []
+        targets.append(mask_targets(rles, pictures[-1].width, pictures[-1].height, size) if rles
+                       else torch.zeros(0, size, size))
         prompts.append(model.prompt_regions(record.get("visual_prompts") or [], pictures))
     return SegBatch(processor.collate(encoded, pixel_lists, padding_side="right"), targets, prompts)
 
 
 # The released OMG-LLaVA checkpoints are XTuner `.pth` state dicts of `OMG_LLaVA` (omg_llava/model/
-# omg_llava.py in the OMG-Seg repository). Their projector parts map one to one onto ours; the frozen
-# segmenter is not in them (XTuner saves only trainable parts) and the LLM part is InternLM2 weights or
-# LoRA deltas, which load through the LLM's own tooling.
-XTUNER_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("projector.model.model_feat.", "projector."),
-    ("projector.model.query_proj.", "vision_tower.query_projection."),
-    ("projector.model.model.", "vision_tower.object_mlp."),
-    ("projector_text2vision.model.", "vision_tower.seg_head."),
-)
-XTUNER_SEPARATOR = "projector.model.seperate_embed.weight"
-
-
-def convert_xtuner_projectors(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Our keys for the projector parts of an XTuner OMG-LLaVA state dict, and the keys left unconverted
-    (the LLM, visual-prompt projectors, a trainable decoder copy), so a caller can say what it skipped."""
-    out: dict[str, torch.Tensor] = {}
-    left = []
-    for key, value in state.items():
-        if key == XTUNER_SEPARATOR:
-            out["vision_tower.separator"] = value.reshape(-1)
-            continue
-        for source, target in XTUNER_PREFIXES:
-            if key.startswith(source):
-                out[target + key[len(source) :]] = value
-                break
-        else:
-            left.append(key)
-    return out, left
+# omg_llava.py in the OMG-Seg repository). The projector table and `convert_xtuner_projectors` live with
+# the full converter (segmenter, InternLM2 + LoRA, tokenizer) in `unillava.hub.omg_xtuner`.
 
 
 def load_xtuner_projectors(model: OMGLlavaModel, path: str | Path) -> list[str]:

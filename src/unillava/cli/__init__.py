@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "eval_cmd",
     "demo_cmd",
     "export_cmd",
+    "convert_cmd",
     "train_cmd",
     "serve_cmd",
     "segment_cmd",

@@ -3,7 +3,10 @@
 A record is `{"id": ..., "image": path | [paths] (optional), "conversations": [{"from": "human" | "gpt" |
 "system", "value": str}, ...], ...}`, stored as a JSON list (`.json`) or one record per line (JSON Lines).
 Fields other than id / image / conversations are kept in `Sample.extra` for tasks that need them (boxes,
-masks, answers for scoring).
+masks, answers for scoring). Two of them are checked here because training feeds them to OMG-LLaVA's
+[SEG] decoder and visual prompts: `masks`, one COCO RLE per `[SEG]` in the answers (in text order), and
+`visual_prompts`, one box / point / mask prompt in image pixels per `<region>` / `<mark>` in the user
+turns (in text order); see `check_pixel_fields`.
 
 Large files are common (LLaVA-1.5's mix is 665k records), so a JSON Lines file is indexed by byte offset on
 open and a line is only parsed when its sample is asked for: one malformed line costs one sample (and one
@@ -13,6 +16,7 @@ clear error naming FILE:LINE when it is read), not the whole run.
 from __future__ import annotations
 
 import json
+import math
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +39,10 @@ RESPONSE_FORMATS: dict[str, str] = {
 }
 
 _RECORD_KEYS = ("id", "image", "conversations")
+SEG_TOKEN = "[SEG]"
+REGION_TOKEN = "<region>"
+MARK_TOKEN = "<mark>"
+PROMPT_TYPES = ("box", "point", "mask")
 _SNIFF_BYTES = 4096
 _BLANK = b"\xef\xbb\xbf \t\r\n"  # whitespace and the UTF-8 byte-order mark
 
@@ -149,9 +157,126 @@ def parse_record(record: Any, *, source: str) -> Sample:
             "in the conversation",
         )
 
+    check_pixel_fields(record, roles, values, len(images), source)
     messages = [Message(role, split_image_markers(value)) for role, value in zip(roles, values, strict=True)]
     extra = {key: value for key, value in record.items() if key not in _RECORD_KEYS}
     return Sample(id=str(sample_id), images=images, messages=messages, source=source, extra=extra)
+
+
+def _rle_runs(counts: str) -> list[int] | None:
+    """The run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`), or None when the
+    string is not one: pycocotools decodes some malformed strings into garbage masks without a word."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n:
+                return None
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def rle_problem(rle: Any) -> str | None:
+    """Why `rle` is not a COCO RLE ({"size": [h, w], "counts": compressed str | run lengths}) whose runs
+    cover h x w exactly, or None; checked without decoding the mask."""
+    if not isinstance(rle, dict):
+        return f"expected a COCO RLE object with 'size' and 'counts', got {_json_type(rle)}"
+    size, counts = rle.get("size"), rle.get("counts")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        return f"'size' must be [height, width] as positive integers, got {size!r}"
+    if isinstance(counts, str):
+        runs = _rle_runs(counts)
+        if runs is None:
+            return "'counts' is not a COCO compressed RLE string"
+    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        runs = counts
+    else:
+        return f"'counts' must be a compressed RLE string or an array of run lengths, got {_json_type(counts)}"
+    if any(run < 0 for run in runs) or sum(runs) != size[0] * size[1]:
+        return f"'counts' does not cover the {size[0]}x{size[1]} mask (runs sum to {sum(runs)}, some may be negative)"
+    return None
+
+
+def _prompt_problem(prompt: Any, num_images: int) -> str | None:
+    """Why `prompt` is not a visual prompt in image pixels (`PROMPT_TYPES`), or None."""
+    if not isinstance(prompt, dict):
+        return f"expected an object with 'type', got {_json_type(prompt)}"
+    kind = prompt.get("type")
+    if kind not in PROMPT_TYPES:
+        return f"'type' must be one of {', '.join(PROMPT_TYPES)}, got {kind!r}"
+    index = prompt.get("image_index", 0)
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_images):
+        return f"'image_index' must be an image of the record (0..{num_images - 1}), got {index!r}"
+    if kind == "mask":
+        problem = rle_problem(prompt.get("mask"))
+        return None if problem is None else f"'mask': {problem}"
+    want = 4 if kind == "box" else 2
+    coords = prompt.get(kind)
+    if not (
+        isinstance(coords, list)
+        and len(coords) == want
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in coords)
+    ):
+        shape = "[x0, y0, x1, y1]" if kind == "box" else "[x, y]"
+        return f"'{kind}' must be {shape} as numbers, got {coords!r}"
+    return None
+
+
+def check_pixel_fields(record: dict[str, Any], roles: list[Role], values: list[str], num_images: int, source: str) -> None:
+    """Check a record's `masks` and `visual_prompts` (absent or null: nothing to check).
+
+    `masks`: an array of COCO RLEs, exactly one per `[SEG]` in the answers, which only answers may hold
+    (the [SEG] decoder reads them in order and decodes over the last image). `visual_prompts`: an array of
+    {"type": "box", "box": [x0, y0, x1, y1]} | {"type": "point", "point": [x, y]} | {"type": "mask", "mask":
+    RLE} in image pixels, optional "image_index", exactly one per `<region>` / `<mark>` marker, which only
+    user turns may hold. Image sizes are not known here; they are checked when the images load.
+    """
+    fields = (
+        ("masks", SEG_TOKEN, "assistant", "'[SEG]' token(s) in the answers", "mask(s)"),
+        ("visual_prompts", None, "user", "'<region>'/'<mark>' marker(s) in the user turns", "prompt(s)"),
+    )
+    for name, token, holder, what, items in fields:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise RecordError(source, f"field '{name}' must be an array, got {_json_type(value)}")
+        for i, item in enumerate(value):
+            problem = rle_problem(item) if name == "masks" else _prompt_problem(item, num_images)
+            if problem is not None:
+                raise RecordError(source, f"{name}[{i}]: {problem}")
+        tokens = (token,) if token is not None else (REGION_TOKEN, MARK_TOKEN)
+        count = 0
+        for i, (role, text) in enumerate(zip(roles, values, strict=True)):
+            found = sum(text.count(t) for t in tokens)
+            if found and role != holder:
+                raise RecordError(
+                    source,
+                    f"conversations[{i}].value: {'/'.join(repr(t) for t in tokens)} in a turn from the {role}; "
+                    f"with '{name}', only {holder} turns may hold it",
+                )
+            count += found
+        if count != len(value):
+            raise RecordError(source, f"field '{name}': {len(value)} {items} but {count} {what}")
+        if value and num_images == 0:
+            raise RecordError(source, f"field '{name}': {len(value)} {items} but the record has no image")
 
 
 def _parse_images(value: Any, source: str) -> list[str]:
@@ -400,10 +525,16 @@ def apply_response_format(sample: Sample, kind: str | None) -> Sample:
 
 
 __all__ = [
+    "MARK_TOKEN",
+    "PROMPT_TYPES",
+    "REGION_TOKEN",
     "RESPONSE_FORMATS",
+    "SEG_TOKEN",
     "ConversationFile",
     "RecordError",
     "Sample",
     "apply_response_format",
+    "check_pixel_fields",
     "parse_record",
+    "rle_problem",
 ]

@@ -480,8 +480,12 @@ def encode_local_mask(local: np.ndarray, x0: int, y0: int, height: int, width: i
 
 
 def decode_mask(rle: Mapping[str, Any]) -> np.ndarray:
-    """Boolean H x W mask from an RLE whose counts may be str (as stored in our JSON)."""
+    """Boolean H x W mask from an RLE whose counts may be str (as stored in our JSON) or, as in COCO's
+    crowd annotations, a list of run lengths."""
     counts = rle["counts"]
+    if isinstance(counts, list):
+        height, width = (int(v) for v in rle["size"])
+        counts = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)["counts"]
     obj = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
     with warnings.catch_warnings():
         # pycocotools <= 2.0.10 trips NumPy 2's __array__(copy=...) deprecation; harmless here.

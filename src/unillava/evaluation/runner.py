@@ -73,8 +73,10 @@ def predict_task(
                 conversations.append(sample.messages[:first_answer])
                 images.append([data.image_path(sample, k) for k in range(len(sample.images))])
             if model.supports_segmentation:
+                prompts = [s.extra.get("visual_prompts") for s in chunk]
                 answers = model.generate_with_masks(
-                    conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens
+                    conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    visual_prompts=prompts if any(prompts) else None,
                 )
                 records = [{"id": s.id, "text": text, "masks": masks} for s, (text, masks) in zip(chunk, answers, strict=True)]
             else:

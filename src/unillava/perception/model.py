@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from unillava.errors import CheckpointError
 from unillava.perception.matching import install_fallback_solver
+from unillava.perception.omg_seg import apply_backbone_feature_norm, build_class_head, classify
 
 CONFIG_NAME = "perception_config.json"
 WEIGHTS_NAME = "perception.safetensors"
@@ -165,7 +166,8 @@ class PerceptionModel(nn.Module):
         super().__init__()
         self.config = make_config(config)
         self.model = Mask2FormerModel(self.config)
-        self.class_predictor = nn.Linear(self.config.hidden_dim, self.config.num_labels + 1)
+        apply_backbone_feature_norm(self.model, self.config)  # OMG-Seg options: see perception/omg_seg.py
+        self.class_predictor = build_class_head(self.config)
         self.weight_dict = {
             "loss_cross_entropy": self.config.class_weight,
             "loss_mask": self.config.mask_weight,
@@ -230,8 +232,8 @@ class PerceptionModel(nn.Module):
         return PerceptionMemory(features, positions, sizes, pixel.decoder_last_hidden_state,
                                 pixel.encoder_last_hidden_state)
 
-    def _masks(self, normed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
-        embeddings = self.model.transformer_module.decoder.mask_predictor.mask_embedder(normed.transpose(0, 1))
+    def _masks(self, normed: torch.Tensor, mask_features: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
+        embeddings = decoder.mask_predictor.mask_embedder(normed.transpose(0, 1))
         return torch.einsum("bqc,bchw->bqhw", embeddings, mask_features)
 
     def _attention_mask(
@@ -254,19 +256,22 @@ class PerceptionModel(nn.Module):
         content: torch.Tensor,
         position: torch.Tensor,
         region: torch.Tensor | None = None,
+        decoder: nn.Module | None = None,
     ) -> DecodeOutput:
         """Run queries (B, K, D) content + position through every decoder layer over `memory`.
 
         `region` (B, K, h, w) bool, any resolution, restricts each query's cross-attention to it in
         every layer (visual prompts). Queries in one batch row attend to each other (self-attention), as
         Mask2Former's learned queries do; decode independent queries as separate rows (`PerceptionMemory.select`).
+        `decoder`: a copy of this model's transformer decoder to run instead (OMG-LLaVA's optional
+        trainable [SEG] decoder); the memory and the class head stay this model's.
         """
-        decoder = self.model.transformer_module.decoder
+        decoder = self.model.transformer_module.decoder if decoder is None else decoder
         hidden = content.transpose(0, 1)
         query_pos = position.transpose(0, 1)
         normed = decoder.layernorm(hidden)
-        masks = [self._masks(normed, memory.mask_features)]
-        classes = [self.class_predictor(normed.transpose(0, 1))]
+        masks = [self._masks(normed, memory.mask_features, decoder)]
+        classes = [classify(self.class_predictor, normed.transpose(0, 1), masks[-1], memory.mask_features)]
         levels = len(memory.sizes)
         for index, layer in enumerate(decoder.layers):
             level = index % levels
@@ -274,8 +279,8 @@ class PerceptionModel(nn.Module):
             hidden = layer(hidden, level, None, memory.positions, query_pos, memory.features,
                            encoder_attention_mask=attention)[0]
             normed = decoder.layernorm(hidden)
-            masks.append(self._masks(normed, memory.mask_features))
-            classes.append(self.class_predictor(normed.transpose(0, 1)))
+            masks.append(self._masks(normed, memory.mask_features, decoder))
+            classes.append(classify(self.class_predictor, normed.transpose(0, 1), masks[-1], memory.mask_features))
         return DecodeOutput(classes, masks, normed.transpose(0, 1))
 
     def forward(self, pixel_values: torch.Tensor, memory: PerceptionMemory | None = None) -> PerceptionOutput:

@@ -10,7 +10,7 @@ The final query (content ++ position) stands in for a `<region>` or `<mark>` tok
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,30 @@ def deepest_point(region: torch.Tensor) -> tuple[int, int]:
     return int(xs[middle]), int(ys[middle])
 
 
+def _numbers(prompt: Mapping[str, Any], key: str, count: int) -> tuple[float, ...]:
+    value = prompt.get(key)
+    try:
+        numbers = tuple(float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != count or not all(math.isfinite(v) for v in numbers):
+        raise DataError(f"a {prompt.get('type')} prompt needs {key!r} as {count} numbers, got {value!r}")
+    return numbers
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+    """The stated rule for boxes: corners in either order, clipped to the image; a box with nothing
+    inside the image is an error rather than a query that would silently see the whole image."""
+    x0, x1 = sorted((float(box[0]), float(box[2])))
+    y0, y1 = sorted((float(box[1]), float(box[3])))
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+    if cx0 >= cx1 or cy0 >= cy1:
+        if x0 == x1 or y0 == y1:
+            raise DataError(f"box {list(box)} has no area")
+        raise DataError(f"box {list(box)} lies outside the {width}x{height} image")
+    return cx0, cy0, cx1, cy1
+
+
 def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int) -> PromptRegion:
     """A prompt dict ({"type": "box"|"point"|"mask", "box": [x0, y0, x1, y1] | "point": [x, y] | "mask":
     bool H x W or COCO RLE, "image_index"}) in image pixels -> its region in the input frame."""
@@ -64,9 +88,12 @@ def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int)
     region = torch.zeros(size, size, dtype=torch.bool)
     if kind in ("box", "point"):
         if kind == "box":
-            x0, y0, x1, y1 = geometry.box_to_input(tuple(float(v) for v in prompt["box"]))  # type: ignore[arg-type]
+            x0, y0, x1, y1 = clip_box(_numbers(prompt, "box", 4), width, height)
+            x0, y0, x1, y1 = geometry.box_to_input((x0, y0, x1, y1))
         else:
-            x, y = (float(v) for v in prompt["point"])
+            x, y = _numbers(prompt, "point", 2)
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise DataError(f"point ({x:g}, {y:g}) lies outside the {width}x{height} image")
             cx, cy, _, _ = geometry.box_to_input((x, y, x, y))
             half = max(1.0, POINT_HALF_SIDE * size)
             x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
@@ -89,6 +116,37 @@ def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int)
         raise DataError(f"visual prompt type must be box, point or mask, got {kind!r}")
     return PromptRegion(region, (float(anchor[0]), float(anchor[1])), int(prompt.get("image_index", 0) or 0),
                         str(kind))
+
+
+def prompt_regions(
+    prompts: Sequence[Mapping[str, Any]], image_sizes: Sequence[tuple[int, int]], size: int
+) -> list[PromptRegion]:
+    """Prompt dicts in image pixels (the server's and the data's format) -> regions in the input frame;
+    `image_sizes` are the sample's images as (width, height), which `image_index` picks from."""
+    regions = []
+    for i, prompt in enumerate(prompts):
+        index = int(prompt.get("image_index", 0) or 0)
+        if not 0 <= index < len(image_sizes):
+            raise DataError(f"visual_prompts[{i}] marks image {index} but there are {len(image_sizes)} image(s)")
+        width, height = image_sizes[index]
+        try:
+            regions.append(prompt_region(prompt, width, height, size))
+        except DataError as err:
+            raise DataError(f"visual_prompts[{i}]: {err}") from None
+    return regions
+
+
+def mask_targets(rles: Sequence[Mapping[str, Any]], width: int, height: int, size: int) -> torch.Tensor:
+    """[SEG] targets (n, size, size) in 0..1 for COCO RLEs over a width x height image: padded and resized
+    into the segmenter's input frame exactly as the image is (`PadGeometry.mask_to_input`)."""
+    geometry = PadGeometry(width, height, size)
+    targets = []
+    for i, rle in enumerate(rles):
+        mask = decode_mask(rle)
+        if mask.shape != (height, width):
+            raise DataError(f"masks[{i}] is {mask.shape[0]}x{mask.shape[1]} but the image is {height}x{width}")
+        targets.append(geometry.mask_to_input(mask))
+    return torch.stack(targets) if targets else torch.zeros(0, size, size)
 
 
 def sine_position(anchors: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:

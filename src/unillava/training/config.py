@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from unillava.config import ModelConfig, load_config
+from unillava.config import ModelConfig, check_override_keys, load_config
 from unillava.conversation import TEMPLATE_NAMES
 from unillava.data.llava_format import RESPONSE_FORMATS
 from unillava.errors import ConfigError
@@ -40,6 +41,12 @@ class LoraSettings:
 class TrainConfig:
     """One training stage. Set `model` to build a model (stage 1) or `init_from` to continue one (stage 2).
 
+    `model_overrides` changes the model config of this stage: dotted keys, applied after `init_from`'s
+    saved config is read (or to `model`), e.g. `{vision.extra.object_regularizer: 0.0}` for an OMG-LLaVA
+    stage 2 that drops stage 1's regulariser. The exported model keeps the overridden config.
+
+    `vision_lr_layer_decay: d` (ConvNeXt towers; null or 1 = off) scales the vision LR of each stage
+    by d^(stages below the top): the last stage trains at `vision_lr`, the stem at the smallest LR.
     Length: `max_steps` if set, else `epochs` (may be fractional) over the kept samples.
     Batch semantics: `global_batch_size` = per_device_batch_size x processes x gradient_accumulation;
     give either of the last two fields (or both, consistently) so one recipe fits any number of GPUs.
@@ -48,6 +55,7 @@ class TrainConfig:
 
     model: ModelConfig | None = None
     init_from: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     train_projector: bool = True
     train_llm: str = "none"
@@ -57,6 +65,7 @@ class TrainConfig:
     lr: float = 2e-5
     projector_lr: float | None = None
     vision_lr: float | None = None
+    vision_lr_layer_decay: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
@@ -84,6 +93,7 @@ class TrainConfig:
             )
         if self.init_from is not None and not (Path(self.init_from) / "unillava_config.json").is_file():
             raise ConfigError(f"init_from: {self.init_from!r} is not a unillava model directory")
+        check_override_keys(ModelConfig, self.model_overrides, "model_overrides")
         if self.train_llm not in TRAIN_LLM_MODES:
             raise ConfigError(
                 f"train_llm: expected one of {', '.join(TRAIN_LLM_MODES)}, got {self.train_llm!r}"
@@ -96,6 +106,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: must be positive, got {value}")
+        decay = self.vision_lr_layer_decay
+        if decay is not None and not 0 < decay <= 1:
+            raise ConfigError(f"vision_lr_layer_decay: must be in (0, 1] (1 or null = off), got {decay}")
         positive = {
             "per_device_batch_size": self.per_device_batch_size,
             "gradient_accumulation": self.gradient_accumulation,

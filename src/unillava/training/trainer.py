@@ -3,7 +3,11 @@
 One optimizer step consumes one global batch. Its loss is the sum of token losses over every
 micro-batch of every process divided by the global batch's supervised-token count (counted before the
 forward passes), so 1 process x 2 accumulation steps, 2 processes x 1, and 1 x 1 with a doubled batch
-all compute the same loss and gradients.
+all compute the same loss and gradients. For a model that segments (OMG-LLaVA) the batches also carry
+[SEG] masks and visual prompts, and the global mask and image counts go to the forward
+(`global_counts`) so the mask losses stay means over the global batch's masks and the object
+regulariser a mean over its images, split-invariant the same way; `mask_bce`, `mask_dice` and
+`object_regularizer` are logged with the loss.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_scheduler
 
-from unillava.config import to_dict
+from unillava.config import override_dataclass, to_dict
 from unillava.data.dataset import (
     DataReport,
     ModalityLengthGroupedSampler,
@@ -54,6 +59,7 @@ CHECKPOINT_FORMAT = 1
 class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     model_dir: Path | None = None
     data_report: DataReport | None = None
 
@@ -91,18 +97,42 @@ def _param_part(name: str) -> str:
     return "llm"
 
 
+def _vision_lr_depth(model: LlavaModel, layer_decay: float) -> Callable[[str], int] | None:
+    """The tower's stage depth per parameter name when layer-wise LR decay is on, else None."""
+    if layer_decay == 1.0:
+        return None
+    depth = getattr(model.vision_tower, "lr_depth", None)
+    if depth is None:
+        raise ConfigError(
+            f"vision_lr_layer_decay: the {model.config.vision.type!r} tower has no stages to decay over "
+            "(supported: convnext)"
+        )
+    return depth
+
+
 def param_groups(model: LlavaModel, config: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups per part (llm, projector, vision) with their own LR; no weight decay on biases/norms."""
+    """AdamW groups per part (llm, projector, vision) with their own LR; no weight decay on biases/norms.
+
+    With `vision_lr_layer_decay` the vision part splits further into one group per stage,
+    `vision.depth{k}`, at vision_lr * decay^k (k = stages below the top).
+    """
     lrs = {
         "llm": config.lr,
         "projector": config.projector_lr or config.lr,
         "vision": config.vision_lr or config.lr,
     }
+    layer_decay = config.vision_lr_layer_decay or 1.0
+    vision_depth = _vision_lr_depth(model, layer_decay)
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = _param_part(name)
+        lr = lrs[part]
+        if part == "vision" and vision_depth is not None:
+            k = vision_depth(name.removeprefix("vision_tower."))
+            lr *= layer_decay**k
+            part = f"vision.depth{k}"
         decay = config.weight_decay > 0 and param.ndim >= 2
         key = part if decay or config.weight_decay == 0 else f"{part}.no_decay"
         group = groups.setdefault(
@@ -110,7 +140,7 @@ def param_groups(model: LlavaModel, config: TrainConfig) -> list[dict[str, Any]]
             {
                 "name": key,
                 "params": [],
-                "lr": lrs[part],
+                "lr": lr,
                 "weight_decay": config.weight_decay if decay else 0.0,
             },
         )
@@ -155,6 +185,7 @@ class Trainer:
 
         set_seed(config.seed)
         self.model = self._build_model(quantize=config.train_llm == "qlora")
+        self.pixel_targets = bool(getattr(self.model, "supports_segmentation", False))
         self.processor = Processor.for_model(self.model, template=config.data.template)
         with acc.main_process_first():
             self.dataset = self._dataset()
@@ -200,11 +231,21 @@ class Trainer:
         """
         config = self.config
         dtype = torch.bfloat16 if config.bf16 else torch.float32
-        if config.init_from is not None:
-            model = LlavaModel.from_pretrained(config.init_from, dtype=dtype)
-        else:
-            assert config.model is not None
-            model = LlavaModel.from_config(config.model, dtype=dtype)
+        try:
+            if config.init_from is not None:
+                model = LlavaModel.from_pretrained(config.init_from, dtype=dtype, overrides=config.model_overrides)
+            else:
+                assert config.model is not None
+                model_config = config.model
+                if config.model_overrides:
+                    model_config = override_dataclass(model_config, config.model_overrides, "model_overrides")
+                model = LlavaModel.from_config(model_config, dtype=dtype)
+        except ConfigError as err:
+            # a model that only fails to build with the overrides fails because of them (the tower's own
+            # checks, e.g. of vision.extra keys, do not know the recipe's field)
+            if config.model_overrides and not str(err).startswith("model_overrides"):
+                raise ConfigError(f"model_overrides: {err}") from None
+            raise
         model.requires_grad_(False)
         model.projector.requires_grad_(config.train_projector)
         if config.vision_unfreeze_from_stage is not None:
@@ -283,6 +324,7 @@ class Trainer:
             max_length=data.max_length or self.model.config.max_length,
             progress=self.config.progress and self.is_main,
             cache_dir=self.output_dir / "data_cache",
+            pixel_targets=self.pixel_targets,
         )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -406,11 +448,15 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
         )
 
-    def _train_step(self, micro_batches: list[Batch]) -> tuple[float, int, float | None, dict[str, float]]:
+    def _train_step(
+        self, micro_batches: list[Batch]
+    ) -> tuple[float, int, float | None, dict[str, float], dict[str, float]]:
         """One optimizer step over this process's micro-batches.
 
-        Returns the global loss, the global supervised-token count, the gradient norm and the learning
-        rates this step used (the scheduler has moved on by the time the step is logged).
+        Returns the global loss, the global supervised-token count, the gradient norm, the learning
+        rates this step used (the scheduler has moved on by the time the step is logged) and the
+        pixel-level loss parts as global means (`mask_bce` / `mask_dice` per mask, `object_regularizer`
+        per image; only those the model computed).
         """
         acc = self.accelerator
         lrs = self._lrs()
@@ -421,6 +467,13 @@ class Trainer:
         if tokens == 0:
             raise DataError(f"step {self.step + 1}: the global batch has no supervised token")
         scale = acc.num_processes * self.grad_accum / tokens
+        pixel: dict[str, Any] = {}
+        if self.pixel_targets:
+            local = [sum(b.num_masks for b in micro_batches), sum(len(b.images) for b in micro_batches)]
+            masks, images = acc.reduce(torch.tensor(local, dtype=torch.float32, device=acc.device), "sum").tolist()
+            pixel = {"global_counts": {"tokens": tokens, "masks": masks, "images": images}}
+        parts = torch.zeros(3, device=acc.device)  # BCE and Dice summed over masks, regulariser over images
+        seen = [False, False]
         loss_sum = torch.zeros((), device=acc.device)
         grad_norm = None
         for batch in micro_batches:
@@ -433,10 +486,18 @@ class Trainer:
                     labels=batch.labels,
                     loss_reduction="sum",
                     use_cache=False,
+                    **({**pixel, **batch.pixel_inputs()} if pixel else {}),
                 )
                 summed = out.loss
                 acc.backward(summed * scale)
                 loss_sum += summed.detach()
+                if getattr(out, "mask_bce", None) is not None:
+                    parts[0] += out.mask_bce.detach().float()
+                    parts[1] += out.mask_dice.detach().float()
+                    seen[0] = True
+                if getattr(out, "object_regularizer", None) is not None:
+                    parts[2] += out.object_regularizer.detach().float() * len(batch.images)
+                    seen[1] = True
                 if acc.sync_gradients:
                     if self.config.max_grad_norm is not None:
                         norm = acc.clip_grad_norm_(self.prepared.parameters(), self.config.max_grad_norm)
@@ -447,7 +508,17 @@ class Trainer:
         loss = float(acc.reduce(loss_sum, "sum")) / tokens
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: loss is {loss}")
-        return loss, int(tokens), grad_norm, lrs
+        metrics: dict[str, float] = {}
+        if pixel:
+            bce, dice, regularizer = acc.reduce(parts, "sum").tolist()
+            counts = pixel["global_counts"]
+            # a flag from any process: reduce it too, so every process logs the same keys
+            flags = acc.reduce(torch.tensor(seen, dtype=torch.float32, device=acc.device), "sum").tolist()
+            if flags[0] and counts["masks"]:
+                metrics.update(mask_bce=bce / counts["masks"], mask_dice=dice / counts["masks"])
+            if flags[1] and counts["images"]:
+                metrics["object_regularizer"] = regularizer / counts["images"]
+        return loss, int(tokens), grad_norm, lrs, metrics
 
     def train(self) -> TrainResult:
         config, acc = self.config, self.accelerator
@@ -486,6 +557,7 @@ class Trainer:
         )
         self.prepared.train()
         window: list[float] = []
+        window_metrics: dict[str, list[float]] = {}
         window_start = time.perf_counter()
         epoch_samples = self.steps_per_epoch * self.global_batch_size
         while self.step < self.total_steps:
@@ -493,14 +565,17 @@ class Trainer:
             epoch = self.epoch
             while self.step < self.total_steps and self.epoch == epoch:
                 micro_batches = [next(iterator) for _ in range(self.grad_accum)]
-                loss, tokens, grad_norm, lrs = self._train_step(micro_batches)
+                loss, tokens, grad_norm, lrs, metrics = self._train_step(micro_batches)
                 self.step += 1
                 self.samples_in_epoch += self.global_batch_size
                 epoch_position = self.epoch + self.samples_in_epoch / epoch_samples
                 if self.samples_in_epoch >= epoch_samples:
                     self.epoch, self.samples_in_epoch = self.epoch + 1, 0
                 result.losses[self.step] = loss
+                result.metrics[self.step] = metrics
                 window.append(loss)
+                for key, value in metrics.items():
+                    window_metrics.setdefault(key, []).append(value)
                 if self.step % config.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     rate = len(window) * self.global_batch_size / max(elapsed, 1e-9)
@@ -510,6 +585,7 @@ class Trainer:
                             "epoch": epoch_position,
                             "samples": self.step * self.global_batch_size,
                             "loss": sum(window) / len(window),
+                            **{k: sum(v) / len(v) for k, v in window_metrics.items()},
                             "lr": lrs,
                             "grad_norm": grad_norm,
                             "supervised_tokens": tokens,
@@ -519,7 +595,7 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{loss:.4f}", lr=f"{max(lrs.values()):.2e}", samples_s=f"{rate:.1f}"
                     )
-                    window, window_start = [], time.perf_counter()
+                    window, window_metrics, window_start = [], {}, time.perf_counter()
                 bar.update(1)
                 if config.save_every_steps and self.step % config.save_every_steps == 0:
                     self.save_checkpoint()

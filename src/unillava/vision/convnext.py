@@ -219,6 +219,19 @@ class ConvNeXtTower(VisionTower):
         self.model.layernorm.requires_grad_(False)
         return self
 
+    def lr_depth(self, name: str) -> int:
+        """Stages between parameter `name` (relative to the tower) and the top, for layer-wise LR decay.
+
+        The last stage (and the unused pooled-output norm) is 0, the stage below it 1, ..., the stem
+        `num_stages`: early stages hold generic low-level features that a fine-tune should move least.
+        """
+        if name.startswith("model.embeddings."):
+            return self.num_stages
+        prefix = "model.encoder.stages."
+        if name.startswith(prefix):
+            return self.num_stages - 1 - int(name[len(prefix) :].split(".", 1)[0])
+        return 0
+
     def hf_config_dict(self) -> dict[str, Any]:
         return self.model.config.to_diff_dict()
 

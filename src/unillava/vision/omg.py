@@ -40,6 +40,7 @@ config (written by `save_pretrained`, so a saved OMG model reloads offline).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from unillava.errors import ConfigError
 from unillava.perception.model import PerceptionModel, PerceptionOutput
 from unillava.vision import VisionTower, register_tower
 
-EXTRA_KEYS = ("use_prior", "object_tokens", "max_object_tokens", "cache_size", "object_regularizer")
+EXTRA_KEYS = ("use_prior", "object_tokens", "max_object_tokens", "cache_size", "object_regularizer", "seg_decoder")
 
 
 def pixel_tokens(backbone_last: torch.Tensor) -> torch.Tensor:
@@ -121,6 +122,14 @@ class OMGTower(VisionTower):
         self.max_object_tokens = None if limit is None else int(limit)
         self.cache_size = int(extra.get("cache_size", 8))
         self.object_regularizer = float(extra.get("object_regularizer", 0.0))
+        seg_decoder = extra.get("seg_decoder", "frozen")
+        if seg_decoder not in ("frozen", "trainable"):
+            raise ConfigError(f"vision.extra.seg_decoder: 'frozen' or 'trainable', got {seg_decoder!r}")
+        # The paper's optional task-specific decoder: a copy of the segmenter's transformer decoder that
+        # only [SEG] queries run through, so mask training can adapt it while object tokens, visual
+        # prompts and the segmenter itself keep the frozen original.
+        self.seg_decoder = (copy.deepcopy(self.perception.model.transformer_module.decoder)
+                            if seg_decoder == "trainable" else None)
         self.query_dim = 2 * self.perception.hidden_dim
         backbone = self.perception.config.backbone_config
         self.stride = 2 * int(backbone.patch_size) * 2 ** (len(backbone.hidden_sizes) - 1)  # x2: pixel shuffle

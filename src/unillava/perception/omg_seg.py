@@ -1,0 +1,90 @@
+"""OMG-Seg's two departures from transformers' Mask2Former, as options of a perception config.
+
+A converted OMG-Seg checkpoint (`unillava.hub.omg_xtuner`) must compute what the released segmenter
+computes, because OMG-LLaVA's tokens are built from its class scores and its raw backbone features:
+
+- `class_head: "open_vocab"`. OMG-Seg has no Linear class head. It embeds each query (an MLP over the
+  query plus its mask-pooled pixel features) and scores it by cosine similarity with fixed CLIP text
+  embeddings of the class names, times exp(logit_scale); the background is a zero prototype, so its
+  logit is always 0. The text embeddings are a saved buffer, so no CLIP text tower is needed at run time.
+- `backbone_feature_norm: false`. transformers' `ConvNextBackbone` puts a LayerNorm on every stage output;
+  OMG-Seg's pixel decoder (and OMG-LLaVA's pixel tokens) read the raw stage outputs.
+
+Both default to the transformers behaviour, so configs without these keys are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# OMG-Seg's fixed temperature: log(1 / 0.01), a buffer, never trained.
+OMG_SEG_LOGIT_SCALE = 4.6052
+
+
+def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Mean of `features` (B, C, h, w) over each mask's positive pixels -> (B, K, C); masks (B, K, H, W)
+    are resized to the features first, as OMG-Seg does, and an empty mask pools to zeros."""
+    if mask_logits.shape[-2:] != features.shape[-2:]:
+        mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
+    mask = (mask_logits.detach() > 0).to(features.dtype)
+    mask = mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8)
+    return torch.einsum("bchw,bkhw->bkc", features, mask)
+
+
+class OpenVocabClassHead(nn.Module):
+    """OMG-Seg's classifier: logits (B, K, labels + 1) from queries, their masks and the mask features.
+
+    `text_embeddings` (labels + 1, prototypes, dim) holds unit-norm CLIP text embeddings of the class
+    names and a zero background row; a class scores the best of its prototypes (prompt templates).
+    """
+
+    def __init__(self, hidden_dim: int, embed_dim: int, num_labels: int, prototypes: int = 1,
+                 logit_scale: float = OMG_SEG_LOGIT_SCALE):
+        super().__init__()
+        self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, hidden_dim))
+        self.cls_proj = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, embed_dim),
+        )
+        self.register_buffer("text_embeddings", torch.zeros(num_labels + 1, prototypes, embed_dim))
+        self.logit_scale = float(logit_scale)
+
+    def forward(self, queries: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        pooled = self.mask_pooling_proj(mask_pool(mask_features, mask_logits))
+        embedding = F.normalize(self.cls_proj(pooled + queries), dim=-1)
+        similarity = torch.einsum("bkc,npc->bknp", embedding, self.text_embeddings.to(embedding.dtype))
+        return similarity.max(-1).values * math.exp(self.logit_scale)
+
+
+def build_class_head(config: Any) -> nn.Module:
+    """The class head a perception config asks for: a Linear (default) or OMG-Seg's open-vocabulary head."""
+    kind = getattr(config, "class_head", "linear")
+    if kind == "linear":
+        return nn.Linear(config.hidden_dim, config.num_labels + 1)
+    if kind == "open_vocab":
+        return OpenVocabClassHead(config.hidden_dim, int(config.class_embed_dim), config.num_labels,
+                                  int(getattr(config, "class_prototypes", 1)),
+                                  float(getattr(config, "class_logit_scale", OMG_SEG_LOGIT_SCALE)))
+    raise ValueError(f"perception config: class_head {kind!r} is not 'linear' or 'open_vocab'")
+
+
+def classify(head: nn.Module, queries: torch.Tensor, mask_logits: torch.Tensor,
+             mask_features: torch.Tensor) -> torch.Tensor:
+    """Class logits for normalised queries (B, K, D) whose masks are `mask_logits` (B, K, h, w)."""
+    if isinstance(head, OpenVocabClassHead):
+        return head(queries, mask_logits, mask_features)
+    return head(queries)
+
+
+def apply_backbone_feature_norm(model: nn.Module, config: Any) -> None:
+    """With `backbone_feature_norm: false`, replace the backbone's per-stage output norms by identities."""
+    if getattr(config, "backbone_feature_norm", True):
+        return
+    backbone = model.pixel_level_module.encoder
+    backbone.hidden_states_norms = nn.ModuleDict({name: nn.Identity() for name in backbone.hidden_states_norms})
