@@ -1,4 +1,7 @@
-"""ConvLLaVA's compute argument, measured: tokens, vision time and LLM prefill time vs resolution.
+"""ConvLLaVA's compute argument, measured: tokens, vision time and LLM prefill time vs resolution (5a,
+the default); then what the resolution buys after training: fine-detail accuracy (5b, `--experiment
+detail`) and a low-resolution pre-trained tower frozen vs updated at high resolution (5c, `--experiment
+frozen`). 5(b)/5(c) are described beside their code below and in docs/convllava.md.
 
 Compares a ViT tower (CLIP-style, patch 14) with a ConvNeXt tower of 4 stages (stride 32) and of 5 stages
 (stride 64, ConvLLaVA). A ViT's token count grows with the pixel count and its attention with the square
@@ -7,6 +10,7 @@ tokens the LLM must prefill by 4. Prints a markdown table plus fitted growth exp
 (time ~ pixels^k for vision, time ~ tokens^k for prefill).
 
     .venv/bin/python benchmarks/convllava.py [--geometry scaled|real] [--cap 30] [--resolutions 336,448,...]
+    .venv/bin/python benchmarks/convllava.py --experiment detail|frozen [--steps 500] [--batch 16] ...
 
 Geometry: `real` is CLIP ViT-L/14 (1024 wide, 24 layers) and ConvNeXt-L (depths 3/3/27/3, widths
 192..1536) + stage 5 (6 blocks, 3072 wide); on a CPU its large resolutions take minutes per cell.
@@ -545,10 +549,10 @@ def main(argv: list[str] | None = None) -> None:
         "--data", default="runs/convllava-detail/data", help="shapes data set (made if absent)"
     )
     trained.add_argument("--out", default=None, help="runs/convllava-EXPERIMENT by default")
-    trained.add_argument("--n-train", type=int, default=3000, help="train scenes (every 5th is a fine one)")
-    trained.add_argument("--n-test", type=int, default=500, help="test scenes")
-    trained.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
-    trained.add_argument("--pretrain-steps", type=int, default=300, help="5(c): low-resolution steps")
+    trained.add_argument("--n-train", type=int, default=5000, help="train scenes (every 5th is a fine one)")
+    trained.add_argument("--n-test", type=int, default=600, help="test scenes")
+    trained.add_argument("--steps", type=int, default=500, help="optimizer steps per arm")
+    trained.add_argument("--pretrain-steps", type=int, default=500, help="5(c): low-resolution steps")
     trained.add_argument("--batch", type=int, default=16)
     trained.add_argument("--lr", type=float, default=1e-3)
     trained.add_argument("--eval-limit", type=int, default=None, help="test questions per task")

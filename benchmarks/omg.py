@@ -47,7 +47,7 @@ ARMS: dict[str, dict[str, Any]] = {
 }
 PIXEL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "region_vqa")
 EVAL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "vqa")
-METRICS = {"refseg": "cIoU", "reasonseg": "cIoU", "gcg": "mIoU", "region_caption": "attribute_accuracy",
+METRICS = {"refseg": "ciou", "reasonseg": "ciou", "gcg": "miou", "region_caption": "attribute_accuracy",
            "vqa": "accuracy"}
 
 
@@ -88,10 +88,12 @@ def model_section(args: argparse.Namespace, arm: dict[str, Any]) -> dict[str, An
     }
 
 
-def recipe(args: argparse.Namespace, out: Path, train_file: Path, steps: int, lr: float, **fields: Any) -> Path:
+def recipe(args: argparse.Namespace, out: Path, train_file: Path, length: dict[str, Any], lr: float,
+           **fields: Any) -> Path:
+    """A training recipe; `length` is {"max_steps": n} or {"epochs": e}."""
     config = {
         "data": {"train_files": [str(train_file)], "image_root": str(args.data), "num_workers": 0},
-        "lr": lr, "warmup_ratio": 0.03, "lr_scheduler": "cosine", "max_steps": steps,
+        "lr": lr, "warmup_ratio": 0.03, "lr_scheduler": "cosine", **length,
         "per_device_batch_size": args.batch, "global_batch_size": args.batch, "seed": args.seed,
         "output_dir": str(out), "log_every": 20, "progress": False, "keep_last": 1, **fields,
     }
@@ -122,10 +124,10 @@ def train_arm(args: argparse.Namespace, name: str, arm: dict[str, Any]) -> tuple
         stage2_tasks |= {task: args.pixel_samples for task in PIXEL_TASKS}
     mix = write_mix(args.data, stage2_tasks, root / "stage2.jsonl", args.seed)
     cli = [sys.executable, "-m", "unillava.cli"]
-    stage1 = recipe(args, root / "stage1", captions, args.stage1_steps, 1e-3, model=model_section(args, arm),
+    stage1 = recipe(args, root / "stage1", captions, {"max_steps": args.stage1_steps}, 1e-3, model=model_section(args, arm),
                     train_projector=True, train_vision=True, train_llm="full")
     seconds = run_logged([*cli, "train", str(stage1)], root / "stage1.log")
-    stage2 = recipe(args, root / "stage2", mix, args.stage2_steps, 5e-4, init_from=str(root / "stage1" / "model"),
+    stage2 = recipe(args, root / "stage2", mix, {"epochs": args.stage2_epochs}, 5e-4, init_from=str(root / "stage1" / "model"),
                     train_projector=True, train_vision=True, train_llm="full",
                     model_overrides={"vision.extra.object_regularizer": 0.0})
     seconds += run_logged([*cli, "train", str(stage2)], root / "stage2.log")
@@ -143,7 +145,7 @@ def evaluate_arm(args: argparse.Namespace, name: str, model_dir: Path) -> dict[s
             command += ["--task", task]
         run_logged(command, args.out / name / "eval.log")
     tasks = json.loads(results.read_text())["tasks"]
-    return {task: float(tasks[task][METRICS[task]]) for task in EVAL_TASKS if task in tasks}
+    return {task: float(tasks[task]["metrics"][METRICS[task]]) for task in EVAL_TASKS if task in tasks}
 
 
 def main() -> None:
@@ -157,9 +159,9 @@ def main() -> None:
     parser.add_argument("--llm-layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--stage1-steps", type=int, default=150)
-    parser.add_argument("--stage2-steps", type=int, default=900)
+    parser.add_argument("--stage2-epochs", type=float, default=1.0, help="over each arm's own stage-2 mix")
     parser.add_argument("--vqa-samples", type=int, default=6000, help="VQA records in every arm's stage 2")
-    parser.add_argument("--pixel-samples", type=int, default=3000, help="records of each pixel-level task")
+    parser.add_argument("--pixel-samples", type=int, default=2000, help="records of each pixel-level task")
     parser.add_argument("--limit", type=int, default=150, help="test records per task")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -176,8 +178,9 @@ def main() -> None:
         rows.append((name, scores, seconds))
         print(f"{name}: {json.dumps(scores)} ({seconds:.0f} s training)", file=sys.stderr, flush=True)
     print(f"\nLLM: Llama {args.llm_layers} x {args.llm_width} from scratch; segmenter {args.segmenter} (frozen); "
-          f"{args.image_size} px; batch {args.batch}, stage 1 {args.stage1_steps} + stage 2 {args.stage2_steps} "
-          f"steps; {args.limit} test records per task\n")
+          f"{args.image_size} px; batch {args.batch}; stage 1 {args.stage1_steps} steps of captions; stage 2 "
+          f"{args.stage2_epochs:g} epoch of {args.vqa_samples} VQA (+ {args.pixel_samples} of each pixel-level task "
+          f"in the mix arms); {args.limit} test records per task\n")
     header = "| arm | prior | object tokens | stage-2 data | " + " | ".join(
         f"{t} {METRICS[t]}" for t in EVAL_TASKS) + " | train s |"
     print(header)

@@ -425,7 +425,8 @@ def mha(sd, name):
 
 
 def mmdet_decoder(sd, ov, multi_scale, mask_features):
-    """Mask2FormerVideoSemSamHead.forward for images: per layer (class logits, mask logits)."""
+    """Mask2FormerVideoSemSamHead.forward for images: per layer (class logits, mask logits), and the query
+    states it hands on (the last layer's output, not normalised)."""
     head, dec = "panoptic_head.", "panoptic_head.transformer_decoder."
 
     def ln(x, name):
@@ -471,7 +472,7 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features):
             query = ln(query + mlp(query, layer + "ffn.layers", ("0.0", "1")), layer + "norms.2")
         classes, masks, attn = predict(query, multi_scale[(i + 1) % 3].shape[-2:])
         results.append((classes, masks))
-    return results
+    return results, query
 
 
 def test_converted_segmenter_matches_the_released_computation(released, converted):
@@ -489,11 +490,13 @@ def test_converted_segmenter_matches_the_released_computation(released, converte
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pixel.decoder_last_hidden_state, mask_features, atol=1e-4, rtol=1e-4)
         out = perception(pixels)
-        expected = mmdet_decoder(sd, class_embeddings(), list(pixel.decoder_hidden_states), pixel.decoder_last_hidden_state)
+        expected, queries = mmdet_decoder(sd, class_embeddings(), list(pixel.decoder_hidden_states),
+                                          pixel.decoder_last_hidden_state)
     assert len(out.class_logits) == len(expected) == LAYERS + 1
     for ours_classes, ours_masks, (classes, masks) in zip(out.class_logits, out.mask_logits, expected, strict=True):
         torch.testing.assert_close(ours_masks, masks, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours_classes, classes, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.queries, queries, atol=1e-4, rtol=1e-4)  # what OMG-LLaVA's tokens are built from
     assert out.class_logits[-1].shape == (2, QUERIES, CLASSES + 1)
     assert (out.class_logits[-1][..., -1] == 0).all()  # the zero background prototype
 

@@ -8,6 +8,8 @@
 - llava-hf: a `config.json` for transformers' `LlavaForConditionalGeneration` (model_type "llava").
 
 `export_hf` writes the llava-hf layout, which transformers, vLLM and others load.
+`omg_xtuner.convert_xtuner_checkpoint` turns the released OMG-LLaVA (XTuner `.pth`, OMG-Seg segmenter,
+InternLM2 + LoRA) into a unillava directory (`unillava convert omg-xtuner`).
 """
 
 from __future__ import annotations

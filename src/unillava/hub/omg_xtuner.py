@@ -248,6 +248,7 @@ def convert_segmenter(
         "common_stride": 4,
         "feature_strides": [4, 8, 16, 32],
         "backbone_feature_norm": False,
+        "query_states": "raw",
     }
 
     keymap = KeyMap()
@@ -659,7 +660,7 @@ def convert_xtuner_checkpoint(
     """
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise CheckpointError(f"{out}: exists and is not an empty directory (pass overwrite=True)")
+        raise CheckpointError(f"{out}: exists and is not an empty directory (allow it with --overwrite / overwrite=True)")
     pth_source = str(pth_path)
     released = read_state_dict(pth_path)
     seg_source = str(segmenter)

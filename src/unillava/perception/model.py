@@ -26,7 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from unillava.errors import CheckpointError
 from unillava.perception.matching import install_fallback_solver
-from unillava.perception.omg_seg import apply_backbone_feature_norm, build_class_head, classify
+from unillava.perception.omg_seg import apply_backbone_feature_norm, build_class_head, classify, handed_on
 
 CONFIG_NAME = "perception_config.json"
 WEIGHTS_NAME = "perception.safetensors"
@@ -137,7 +137,8 @@ class PerceptionMemory:
 @dataclass
 class DecodeOutput:
     """Per decoder layer (first = before any layer, as Mask2Former): class logits (B, K, labels+1) and
-    mask logits (B, K, H/4, W/4); `queries` = last layer's normalised query states (B, K, D)."""
+    mask logits (B, K, H/4, W/4); `queries` = last layer's query states (B, K, D), after the decoder's
+    final LayerNorm, or before it with `query_states: raw` (OMG-Seg's convention, see omg_seg.py)."""
 
     class_logits: list[torch.Tensor]
     mask_logits: list[torch.Tensor]
@@ -281,7 +282,7 @@ class PerceptionModel(nn.Module):
             normed = decoder.layernorm(hidden)
             masks.append(self._masks(normed, memory.mask_features, decoder))
             classes.append(classify(self.class_predictor, normed.transpose(0, 1), masks[-1], memory.mask_features))
-        return DecodeOutput(classes, masks, normed.transpose(0, 1))
+        return DecodeOutput(classes, masks, handed_on(self.config, hidden, normed).transpose(0, 1))
 
     def forward(self, pixel_values: torch.Tensor, memory: PerceptionMemory | None = None) -> PerceptionOutput:
         """The learned queries over the images (encoding them unless a memory is given)."""

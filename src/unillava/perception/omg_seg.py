@@ -1,7 +1,8 @@
-"""OMG-Seg's two departures from transformers' Mask2Former, as options of a perception config.
+"""OMG-Seg's departures from transformers' Mask2Former, as options of a perception config.
 
 A converted OMG-Seg checkpoint (`unillava.hub.omg_xtuner`) must compute what the released segmenter
-computes, because OMG-LLaVA's tokens are built from its class scores and its raw backbone features:
+computes, because OMG-LLaVA's tokens are built from its class scores, raw backbone features and raw
+query states:
 
 - `class_head: "open_vocab"`. OMG-Seg has no Linear class head. It embeds each query (an MLP over the
   query plus its mask-pooled pixel features) and scores it by cosine similarity with fixed CLIP text
@@ -9,8 +10,12 @@ computes, because OMG-LLaVA's tokens are built from its class scores and its raw
   logit is always 0. The text embeddings are a saved buffer, so no CLIP text tower is needed at run time.
 - `backbone_feature_norm: false`. transformers' `ConvNextBackbone` puts a LayerNorm on every stage output;
   OMG-Seg's pixel decoder (and OMG-LLaVA's pixel tokens) read the raw stage outputs.
+- `query_states: raw`. OMG-Seg's head hands on its last decoder layer's output before the final LayerNorm
+  (the norm is applied only to predict classes and masks); OMG-LLaVA's prior, object tokens and
+  visual-prompt tokens are built from those raw states, so its projectors expect them.
 
-Both default to the transformers behaviour, so configs without these keys are unchanged.
+All default to the transformers behaviour (what stage 0 trains), so configs without these keys are
+unchanged.
 """
 
 from __future__ import annotations
@@ -88,3 +93,11 @@ def apply_backbone_feature_norm(model: nn.Module, config: Any) -> None:
         return
     backbone = model.pixel_level_module.encoder
     backbone.hidden_states_norms = nn.ModuleDict({name: nn.Identity() for name in backbone.hidden_states_norms})
+
+
+def handed_on(config: Any, hidden: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """The query states a decode returns: normalised (default) or raw (`query_states: raw`)."""
+    kind = getattr(config, "query_states", "normed")
+    if kind not in ("normed", "raw"):
+        raise ValueError(f"perception config: query_states {kind!r} is not 'normed' or 'raw'")
+    return hidden if kind == "raw" else normed
