@@ -73,3 +73,19 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_visual_prompts_on_a_model_without_them_exit_2(tiny_model_dir, image_file, tmp_path, capsys, command):
+    args = [command, "--model", str(tiny_model_dir), "--image", str(image_file), "--box", "1,1,20,20"]
+    assert main(args + (["--prompt", "hi"] if command == "generate" else [])) == 2
+    err = capsys.readouterr().err
+    assert "this model takes no visual prompts" in err and err.count("\n") == 1
+
+
+def test_mask_prompt_of_the_wrong_size_names_the_file_and_both_sizes(tiny_model_dir, image_file, tmp_path, capsys):
+    Image.new("L", (10, 10), 255).save(tmp_path / "m.png")
+    assert main(["generate", "--model", str(tiny_model_dir), "--image", str(image_file), "--prompt", "hi",
+                 "--mask", str(tmp_path / "m.png")]) == 2
+    err = capsys.readouterr().err
+    assert "m.png" in err and "10x10" in err and "40x30" in err

@@ -484,3 +484,88 @@ def test_generate_json_prints_masks_for_a_segmenting_model(model, tmp_path, monk
     out = json.loads(capsys.readouterr().out)
     assert "[SEG]" in out["text"] and len(out["masks"]) == 1
     assert set(out["masks"][0]) >= {"size", "counts"}
+
+
+def _record_prompts(model, monkeypatch, text: str) -> list[tuple[list[int], list]]:
+    """Like `_force_answer`, and record each call's prompt ids (row 0) and `visual_prompts` (row 0)."""
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
+    seen: list[tuple[list[int], list]] = []
+
+    def generate_recording(self, input_ids, attention_mask=None, images=None, visual_prompts=None, **kwargs):
+        seen.append((input_ids[0].tolist(), [] if visual_prompts is None else list(visual_prompts[0])))
+        return torch.tensor([ids] * input_ids.shape[0])
+
+    monkeypatch.setattr(OMGLlavaModel, "generate", generate_recording)
+    return seen
+
+
+def _markers(model, ids: list[int]) -> list[str]:
+    names = {model.token_ids["<region>"]: "region", model.token_ids["<mark>"]: "mark"}
+    return [names[t] for t in ids if t in names]
+
+
+def _mask_png(path, size=(120, 90)):
+    pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+    pixels[20:60, 30:90] = 255
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_generate_cli_takes_box_point_mask_prompts_in_typed_order(model, tmp_path, monkeypatch, capsys):
+    from unillava.cli import main
+
+    model.save_pretrained(tmp_path / "omg")
+    _pictures()[0].save(tmp_path / "in.png")
+    mask = _mask_png(tmp_path / "mask.png")
+    seen = _record_prompts(model, monkeypatch, "<p> it </p> [SEG].")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
+                 "--prompt", "What are these?", "--point", "60,30", "--box", "5,5,50,40", "--mask", str(mask),
+                 "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "[SEG]" in out["text"] and len(out["masks"]) == 1 and set(out["masks"][0]) >= {"size", "counts"}
+    [(ids, regions)] = seen
+    assert [r.kind for r in regions] == ["point", "box", "mask"]  # the order typed, not grouped by flag
+    assert _markers(model, ids) == ["mark", "region", "region"]  # markers appended, one per prompt
+    assert regions[2].region.any() and not regions[2].region.all()
+
+
+def test_chat_cli_prompts_fill_the_first_message_and_stay_in_the_history(model, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    from unillava.cli import main
+
+    model.save_pretrained(tmp_path / "omg")
+    _pictures()[0].save(tmp_path / "in.png")
+    seen = _record_prompts(model, monkeypatch, "<p> it </p> [SEG].")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/point 60,30\n/box 1,2\nwhat is it?\nand now?\n/quit\n"))
+    assert main(["chat", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
+                 "--box", "5,5,50,40", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "point prompt attached" in captured.out and "1 mask(s)" in captured.out
+    assert "/box takes 4 comma-separated numbers" in captured.err
+    assert len(seen) == 2
+    assert all([r.kind for r in regions] == ["box", "point"] for _, regions in seen)
+    assert _markers(model, seen[1][0]) == ["region", "mark"]
+
+
+def test_segment_cli_takes_a_mask_prompt_and_names_a_bad_mask_file(model, tmp_path, monkeypatch, capsys):
+    from unillava.cli import main
+
+    model.save_pretrained(tmp_path / "omg")
+    _pictures()[0].save(tmp_path / "in.png")
+    _force_answer(model, monkeypatch, "<p> it </p> [SEG].")
+    base = ["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
+            "--prompt", "What is <region>?", "--out", str(tmp_path / "out")]
+    assert main([*base, "--mask", str(_mask_png(tmp_path / "mask.png"))]) == 0
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["phrases"] == ["it"]
+    assert Image.open(tmp_path / "out" / "mask_0.png").size == (120, 90)
+    capsys.readouterr()
+    small = _mask_png(tmp_path / "small.png", size=(60, 45))
+    assert main([*base, "--mask", str(small)]) == 2
+    err = capsys.readouterr().err
+    assert "small.png" in err and "60x45" in err and "120x90" in err and err.count("\n") == 1
+    (tmp_path / "junk.png").write_text("not a png")
+    assert main([*base, "--mask", str(tmp_path / "junk.png")]) == 2
+    assert "junk.png" in capsys.readouterr().err

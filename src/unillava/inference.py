@@ -111,6 +111,11 @@ class InferenceModel:
         """True for pixel-level models (OMG-LLaVA) that answer with masks for `[SEG]` tokens."""
         return bool(getattr(self.model, "supports_segmentation", False))
 
+    @property
+    def supports_visual_prompts(self) -> bool:
+        """True for models whose `<region>`/`<mark>` tokens take box / point / mask prompts (OMG-LLaVA)."""
+        return bool(getattr(self.model, "supports_visual_prompts", False))
+
     def generate_with_masks(
         self, conversations: Sequence[list[Message]], images: Sequence[Sequence[ImageInput]], **kwargs: Any
     ) -> list[tuple[str, list[dict[str, Any]]]]:

@@ -1,7 +1,8 @@
 """`unillava segment` (masks from a prompt), `unillava train-segmenter` and `eval-segmenter` (stage 0).
 
-`segment --box X0,Y0,X1,Y1 --point X,Y` adds visual prompts: they fill the prompt's `<region>` / `<mark>`
-tokens, and "region1 <region>"-style markers are appended when the prompt has none.
+`segment --box X0,Y0,X1,Y1 --point X,Y --mask FILE.png` adds visual prompts (`cli/prompt_flags.py`, shared
+with `generate` and `chat`): in typed order they fill the prompt's `<region>` / `<mark>` tokens, and
+"region1 <region>"-style markers are appended when the prompt has none.
 
 `segment` writes `mask_{i}.png` (one per [SEG], white = object), `overlay.png` (the image with every mask
 tinted) and `result.json` (text, phrases, scores, COCO RLE) into `--out`, and prints the answer.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unillava.cli.prompt_flags import add_prompt_flags, prompts_from_flags
 from unillava.errors import ConfigError
 
 OVERLAY_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
@@ -31,16 +33,6 @@ def overlay(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> 
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def _numbers(text: str, count: int, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != count:
-        raise ConfigError(f"{flag} takes {count} comma-separated numbers, got {text!r}")
-    return values
-
-
 def _run_segment(args: argparse.Namespace) -> int:
     import torch
 
@@ -51,8 +43,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     if not callable(getattr(model, "segment", None)):
         raise ConfigError(f"{args.model}: this model does not segment (it is not an OMG-LLaVA model)")
     image = load_image(args.image)
-    prompts = [{"type": "box", "box": _numbers(text, 4, "--box")} for text in args.box]
-    prompts += [{"type": "point", "point": _numbers(text, 2, "--point")} for text in args.point]
+    prompts = prompts_from_flags(args.visual_prompts, [image])
     with torch.inference_mode():
         result = model.segment(image, args.prompt, max_new_tokens=args.max_new_tokens, visual_prompts=prompts)
     out = Path(args.out)
@@ -119,10 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--prompt", required=True, help='e.g. "Please segment the red circle in this image."')
     seg.add_argument("--out", required=True, help="directory for mask_*.png, overlay.png, result.json")
     seg.add_argument("--max-new-tokens", type=int, default=64)
-    seg.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1",
-                     help="a box visual prompt in image pixels (repeatable); fills <region> in the prompt")
-    seg.add_argument("--point", action="append", default=[], metavar="X,Y",
-                     help="a point visual prompt in image pixels (repeatable); fills <mark> in the prompt")
+    add_prompt_flags(seg)
     seg.set_defaults(func=_run_segment)
 
     train = subparsers.add_parser("train-segmenter", help="stage 0: train the perception model on COCO instances",
