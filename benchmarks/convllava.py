@@ -345,10 +345,12 @@ def make_data(args: argparse.Namespace) -> Path:
         "tasks": list(DETAIL_TASKS),
     }
     manifest = data / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("arguments") == wanted:
-        return data
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("arguments") == wanted:
+            return data
+        raise SystemExit(f"{data} holds another shapes data set; pass another --data (or delete it)")
     arguments = {**wanted, "aspect_range": (1.0, 1.0)}
-    generate_dataset(data, arguments.pop("n"), arguments.pop("seed"), **arguments, workers=1, overwrite=True)
+    generate_dataset(data, arguments.pop("n"), arguments.pop("seed"), **arguments, workers=1)
     return data
 
 

@@ -44,7 +44,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "baseline": {"use_prior": False, "object_tokens": False, "pixel_level": True},
     "prior": {"use_prior": True, "object_tokens": False, "pixel_level": True},
     "full": {"use_prior": True, "object_tokens": True, "pixel_level": True},
+    # Not part of the paper's ablation (run it with --arms full-decoder): OMG-LLaVA plus the optional
+    # trainable copy of the decoder for [SEG] queries.
+    "full-decoder": {"use_prior": True, "object_tokens": True, "pixel_level": True, "seg_decoder": "trainable"},
 }
+ABLATION = ("llava", "baseline", "prior", "full")
 PIXEL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "region_vqa")
 EVAL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "vqa")
 METRICS = {"refseg": "ciou", "reasonseg": "ciou", "gcg": "miou", "region_caption": "attribute_accuracy",
@@ -78,7 +82,8 @@ def model_section(args: argparse.Namespace, arm: dict[str, Any]) -> dict[str, An
     # Records of one scene share its image, so a cache over every image runs the segmenter once per image
     # instead of once per record (about 1 MB per 192 px image).
     extra = {"use_prior": arm["use_prior"], "object_tokens": arm["object_tokens"], "cache_size": args.cache_size,
-             "object_regularizer": 10.0 if arm["object_tokens"] else 0.0}
+             "object_regularizer": 10.0 if arm["object_tokens"] else 0.0,
+             "seg_decoder": arm.get("seg_decoder", "frozen")}
     return {
         "vision": {"type": "omg", "pretrained": str(args.segmenter), "image_size": args.image_size,
                    "image_mode": "pad", "extra": extra},
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="a `unillava data shapes` directory")
     parser.add_argument("--segmenter", type=Path, required=True, help="a `unillava train-segmenter` directory")
     parser.add_argument("--out", type=Path, default=Path("runs/omg-bench"))
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default=",".join(ABLATION), help=f"comma list of {', '.join(ARMS)}")
     parser.add_argument("--image-size", type=int, default=192)
     parser.add_argument("--llm-width", type=int, default=256)
     parser.add_argument("--llm-layers", type=int, default=4)

@@ -6,8 +6,6 @@ recipe, trains through unillava's trainer, is evaluated and lands in the table.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,17 +13,10 @@ import pytest
 import torch
 import yaml
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "convllava.py"
-
 
 @pytest.fixture(scope="module")
-def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("convllava_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark) -> ModuleType:
+    return load_benchmark("convllava")
 
 
 def _args(tmp_path: Path, experiment: str, arms: str) -> list[str]:
