@@ -63,3 +63,21 @@ def test_eval_cli_and_unknown_task(tiny_model_dir, shapes_dir, tmp_path, capsys)
                  "--out", str(tmp_path)])
     assert code == 2
     assert "gcg.jsonl" in capsys.readouterr().err
+
+
+def test_summary_table_shows_each_tasks_headline_metric():
+    from rich.console import Console
+
+    from unillava.evaluation.runner import summary_table
+
+    results = {
+        "gcg": {"metrics": {"ap50": 0.1, "miou": 0.4}, "counts": {"annotations": 3}},
+        "refseg": {"metrics": {"ciou": 0.7, "giou": 0.6}, "counts": {"annotations": 2}},
+        "mystery": {"metrics": {"score": 0.25}, "counts": {"annotations": 1}},
+    }
+    console = Console(width=120, record=True)
+    console.print(summary_table(results))
+    text = console.export_text()
+    assert "mIoU" in text and "0.4000" in text and "0.1000" not in text
+    assert "cIoU" in text and "0.7000" in text
+    assert "score" in text and "0.2500" in text

@@ -117,7 +117,7 @@ def test_stage0_training_lowers_the_loss_and_evaluates_ap(shapes_root):
     assert all(np.isfinite(losses))
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
     metrics = evaluate_segmenter(model, shapes_root, image_size=IMAGE_SIZE, split="test")
-    assert set(metrics) == {"AP", "AP50", "AP75"}
+    assert set(metrics) == {"AP", "AP50", "AP75", "best_query_iou"}
     assert all(-1.0 <= v <= 1.0 for v in metrics.values())
 
 
@@ -133,4 +133,33 @@ def test_train_and_eval_segmenter_cli(shapes_root, tmp_path, capsys):
     assert PerceptionModel.from_pretrained(out).config.num_labels == len(load_instances(shapes_root, "train")[1])
     assert main(["eval-segmenter", "--model", str(out), "--data", str(shapes_root), "--image-size",
                  str(IMAGE_SIZE)]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75"}
+    assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75", "best_query_iou"}
+
+
+def test_best_query_iou_is_one_for_a_segmenter_that_outputs_the_truth(shapes_root):
+    """`best_query_iou` scores masks alone: queries holding the exact instance masks reach ~1 whatever
+    their classes, while a segmenter with only empty masks gets 0."""
+    from types import SimpleNamespace
+
+    from unillava.data.shapes import decode_mask
+    from unillava.perception.geometry import PadGeometry
+
+    samples, _ = load_instances(shapes_root, "test")
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, empty: bool):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+            self.todo, self.empty = iter(samples), empty
+
+        def forward(self, pixels):
+            sample = next(self.todo)
+            geometry = PadGeometry(sample.width, sample.height, IMAGE_SIZE)
+            truths = [geometry.mask_to_input(decode_mask(a["segmentation"])) for a in sample.annotations]
+            logits = torch.stack(truths + [torch.zeros(IMAGE_SIZE, IMAGE_SIZE)]) * 40 - 20
+            if self.empty:
+                logits = torch.full_like(logits, -20.0)
+            return SimpleNamespace(mask_logits=[logits[None]], class_logits=[torch.zeros(1, len(logits), 3)])
+
+    assert evaluate_segmenter(Oracle(False), shapes_root, image_size=IMAGE_SIZE)["best_query_iou"] > 0.9
+    assert evaluate_segmenter(Oracle(True), shapes_root, image_size=IMAGE_SIZE)["best_query_iou"] == 0.0

@@ -151,9 +151,11 @@ def summary_table(all_results: dict[str, Any]) -> Table:
     for task, results in all_results.items():
         name = HEADLINE.get(task)
         metrics = results["metrics"]
-        value = metrics.get(name) if name in metrics else next(iter(metrics.values()), None)
+        key = next((k for k in metrics if name and k.lower() == name.lower()), next(iter(metrics), None))
+        value = metrics.get(key) if key is not None else None
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        table.add_row(task, name or "", shown, str(results["counts"]["annotations"]))
+        label = name if key is not None and name and key.lower() == name.lower() else (key or "")
+        table.add_row(task, label, shown, str(results["counts"]["annotations"]))
     return table
 
 

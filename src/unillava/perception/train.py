@@ -138,11 +138,15 @@ def train_segmenter(
 def evaluate_segmenter(
     model: PerceptionModel, root: str | Path, *, image_size: int, split: str = "test", top_k: int | None = None
 ) -> dict[str, float]:
-    """COCO mask AP / AP50 / AP75 of the segmenter's instance predictions (pycocotools' COCOeval)."""
+    """COCO mask AP / AP50 / AP75 of the segmenter's instance predictions (pycocotools' COCOeval), and
+    `best_query_iou`: per ground-truth instance the IoU of the best-matching query's mask, averaged. The
+    latter ignores classes and scores, so it tells mask quality (what [SEG] decoding can reach) apart
+    from classification (what AP also needs)."""
     samples, category_ids = load_instances(root, split)
     model.eval()
     device = next(model.parameters()).device
     results = []
+    best_ious: list[float] = []
     preprocess = preprocessor_for(image_size)
     for sample in samples:
         pixels = preprocess(load_image(sample.image)).unsqueeze(0).to(device)
@@ -152,6 +156,11 @@ def evaluate_segmenter(
         probs = out.class_logits[-1][0].softmax(-1)[:, :-1]
         scores, labels = probs.max(-1)
         masks = logits > 0
+        for ann in sample.annotations:
+            truth = torch.from_numpy(decode_mask(ann["segmentation"]).astype(bool)).to(masks.device)
+            inter = (masks & truth).flatten(1).sum(1)
+            union = (masks | truth).flatten(1).sum(1).clamp(min=1)
+            best_ious.append(float((inter / union).max()))
         inside = (logits.sigmoid() * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
         scores = scores * inside
         for q in scores.argsort(descending=True)[: top_k or len(scores)].tolist():
@@ -159,8 +168,9 @@ def evaluate_segmenter(
             rle["counts"] = rle["counts"].decode("ascii")
             results.append({"image_id": sample.image_id, "category_id": category_ids[int(labels[q])],
                             "segmentation": rle, "score": float(scores[q])})
+    best_query_iou = float(np.mean(best_ious)) if best_ious else 0.0
     if not results:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "best_query_iou": best_query_iou}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(Path(root) / "annotations" / f"instances_{split}.json"))
         dt = gt.loadRes(results)
@@ -169,4 +179,4 @@ def evaluate_segmenter(
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats
-    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2])}
+    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]), "best_query_iou": best_query_iou}
