@@ -199,10 +199,7 @@ class LlavaModel(nn.Module):
         hidden = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         ).last_hidden_state
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        logits = self.language_model.get_output_embeddings()(hidden[:, :-1][supervised])
-        loss = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+        loss, _ = supervised_token_loss(self.language_model, hidden, labels, "sum")
         return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
@@ -226,6 +223,17 @@ class LlavaModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.language_model.parameters()).dtype
+
+
+def supervised_token_loss(
+    language_model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy (float32) over the supervised positions only, and their count: only
+    those hidden states are projected onto the vocabulary."""
+    targets = labels[:, 1:]
+    supervised = targets != IGNORE_INDEX
+    logits = language_model.get_output_embeddings()(hidden[:, :-1][supervised])
+    return F.cross_entropy(logits.float(), targets[supervised], reduction=reduction), int(supervised.sum())
 
 
 def ensure_image_token(tokenizer, language_model: nn.Module, image_token: str) -> int:

@@ -37,7 +37,7 @@ from transformers import AddedToken
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from unillava.config import ModelConfig
-from unillava.conversation import IGNORE_INDEX, Message, user_message
+from unillava.conversation import Message, user_message
 from unillava.data.images import load_image
 from unillava.data.llava_format import MARK_TOKEN, REGION_TOKEN, SEG_TOKEN, parse_record
 from unillava.errors import ConfigError, UnillavaError
@@ -46,7 +46,7 @@ from unillava.hub.omg_xtuner import (  # noqa: F401  (re-exported: the old names
     XTUNER_SEPARATOR,
     convert_xtuner_projectors,
 )
-from unillava.modeling import LlavaModel, splice_image_features
+from unillava.modeling import LlavaModel, splice_image_features, supervised_token_loss
 from unillava.perception.geometry import PadGeometry
 from unillava.perception.model import DecodeOutput
 from unillava.perception.prompts import PromptRegion, encode_prompts, mask_targets, prompt_regions
@@ -298,15 +298,13 @@ class OMGLlavaModel(LlavaModel):
         ).last_hidden_state
         loss = text_loss = None
         if labels is not None:
-            targets = labels[:, 1:]
-            supervised = targets != IGNORE_INDEX
-            logits = self.language_model.get_output_embeddings()(hidden[:, :-1][supervised])
-            loss = text_loss = F.cross_entropy(logits.float(), targets[supervised],
-                                               reduction="sum" if loss_reduction == "sum" else "mean")
+            loss, supervised = supervised_token_loss(self.language_model, hidden, labels,
+                                                     "sum" if loss_reduction == "sum" else "mean")
+            text_loss = loss
             if regularizer is not None:
                 scale = 1.0
                 if loss_reduction == "sum":
-                    scale = float(supervised.sum())
+                    scale = float(supervised)
                     if global_counts is not None and global_counts.get("images"):
                         scale = global_counts["tokens"] * len(images) / global_counts["images"]  # type: ignore[arg-type]
                 loss = loss + weight * regularizer * scale
