@@ -16,6 +16,7 @@ import pytest
 from transformers import AddedToken, AutoTokenizer
 
 from unillava.llm import embedded_default_path
+from unillava.testing import reset_accelerate_state
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +106,11 @@ def load_benchmark() -> Callable[[str], ModuleType]:
         return module
 
     return load
+
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each training test leaves accelerate's process-wide state clean."""
+    yield
+    reset_accelerate_state()

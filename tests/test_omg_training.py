@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from unillava.cli import train_cmd
 from unillava.config import load_config
@@ -20,20 +19,13 @@ from unillava.errors import DataError
 from unillava.modeling import LlavaModel
 from unillava.omg import OMGLlavaModel, seg_batch
 from unillava.processor import Processor
+from unillava.testing import reset_accelerate_state
 from unillava.training import TrainConfig, Trainer, load_train_config
 from unillava.training.trainer import LOG_NAME
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide state (mixed precision, accumulation); each run here starts clean."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +212,7 @@ def test_one_batch_of_two_equals_two_accumulated_micro_batches(stage1_dir, shape
         result = trainer.train()
         step = next(json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if "loss" in line)
         runs[name] = {"loss": result.losses[1], **result.metrics[1], "grad_norm": step["grad_norm"]}
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     one, accum = runs["one"], runs["accum"]
     assert set(one) == set(accum) >= {"loss", "mask_bce", "mask_dice", "object_regularizer", "grad_norm"}
     assert one["object_regularizer"] > 0  # stage 1's term is live without the override
@@ -246,5 +237,4 @@ def test_model_overrides_errors_name_the_field(stage1_dir, shapes, tmp_path, cap
     ):
         assert train_cmd.main([str(TINY / "omg-stage2.yaml"), *base, override]) == 2
         assert expected in capsys.readouterr().err, override
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()

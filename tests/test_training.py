@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,21 +19,16 @@ from unillava.cli import COMMAND_MODULES, train_cmd
 from unillava.config import load_config
 from unillava.errors import ConfigError
 from unillava.modeling import LlavaModel
+from unillava.testing import reset_accelerate_state
 from unillava.training import TrainConfig, Trainer, check_qlora_support, load_train_config
 from unillava.training import checkpoint as ckpt
 from unillava.training.trainer import ADAPTER_DIR, LOG_NAME, NON_LORA_NAME
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide state (mixed precision, accumulation); each run here starts clean."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +79,7 @@ def stage1(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result = trainer.train()
     after = trainer.model.state_dict()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return {"out": out, "result": result, "before": before, "after": after, "model": trainer.model}
 
 
@@ -202,19 +195,13 @@ def uninterrupted(stage1: dict, data: Path, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("uninterrupted")
     base = stage1["out"] / "model"
     result = _trainer("stage2-lora.yaml", data, out, "mixed.jsonl", f"init_from={base}", *RESUME_ARGS).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return result.losses
 
 
 def _resume_run(stage1: dict, data: Path, out: Path, *extra: str) -> Trainer:
     base = stage1["out"] / "model"
     return _trainer("stage2-lora.yaml", data, out, "mixed.jsonl", f"init_from={base}", *RESUME_ARGS, *extra)
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_resume_continues_with_the_same_losses(
@@ -230,11 +217,11 @@ def test_resume_continues_with_the_same_losses(
     with pytest.raises(Killed):
         _resume_run(stage1, data, tmp_path).train()
     monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
-    _reset_accelerate()
+    reset_accelerate_state()
 
     with pytest.raises(ConfigError, match="output_dir: .* already holds checkpoints"):
         _resume_run(stage1, data, tmp_path)
-    _reset_accelerate()
+    reset_accelerate_state()
     resumed = _resume_run(stage1, data, tmp_path, "resume=true")
     assert resumed.step == 2
     result = resumed.train()
@@ -259,7 +246,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(
     with pytest.raises(Killed):
         _resume_run(stage1, data, tmp_path).train()
     monkeypatch.setattr(ckpt, "write_json", real_write)
-    _reset_accelerate()
+    reset_accelerate_state()
 
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-00000002"
@@ -313,7 +300,7 @@ def test_two_processes_match_one_process(stage1: dict, data: Path, tmp_path: Pat
             data, tmp_path / name, "mixed.jsonl", f"init_from={base}", "max_steps=3", *extra
         )
         losses = Trainer(load_train_config(TINY / "stage2.yaml", overrides)).train().losses
-        _reset_accelerate()
+        reset_accelerate_state()
         assert sorted(losses) == sorted(two) == [1, 2, 3]
         for step, loss in losses.items():
             assert two[step] == pytest.approx(loss, abs=1e-5), (name, step)
@@ -354,7 +341,7 @@ def test_config_errors_name_the_field(data: Path, tmp_path: Path, capsys: pytest
         code = train_cmd.main([str(TINY / "stage1.yaml"), *base, override])
         assert code == 2
         assert field in capsys.readouterr().err, override
-        _reset_accelerate()
+        reset_accelerate_state()
     assert train_cmd.main([str(TINY / "stage1.yaml"), *base, "--resume"]) == 2
     assert "resume: no complete checkpoint" in capsys.readouterr().err
     assert "train_cmd" in COMMAND_MODULES

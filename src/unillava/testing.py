@@ -42,3 +42,12 @@ def tiny_model_config(template: str = "auto", projector: str = "mlp2x_gelu", **v
         template=template,
         max_length=512,
     )
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (mixed precision, gradient accumulation), so the next
+    Trainer in the same process (tests, notebooks) starts from scratch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
