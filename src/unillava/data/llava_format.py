@@ -30,6 +30,7 @@ from unillava.conversation import (
     Role,
     split_image_markers,
 )
+from unillava.data.rle import rle_string_counts
 from unillava.errors import ConfigError, DataError
 
 RESPONSE_FORMATS: dict[str, str] = {
@@ -163,32 +164,6 @@ def parse_record(record: Any, *, source: str) -> Sample:
     return Sample(id=str(sample_id), images=images, messages=messages, source=source, extra=extra)
 
 
-def _rle_runs(counts: str) -> list[int] | None:
-    """The run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`), or None when the
-    string is not one: pycocotools decodes some malformed strings into garbage masks without a word."""
-    runs: list[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x = k = 0
-        more = True
-        while more:
-            if p >= n:
-                return None
-            c = ord(counts[p]) - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
-
-
 def rle_problem(rle: Any) -> str | None:
     """Why `rle` is not a COCO RLE ({"size": [h, w], "counts": compressed str | run lengths}) whose runs
     cover h x w exactly, or None; checked without decoding the mask."""
@@ -202,8 +177,9 @@ def rle_problem(rle: Any) -> str | None:
     ):
         return f"'size' must be [height, width] as positive integers, got {size!r}"
     if isinstance(counts, str):
-        runs = _rle_runs(counts)
-        if runs is None:
+        try:
+            runs = rle_string_counts(counts)
+        except ValueError:
             return "'counts' is not a COCO compressed RLE string"
     elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
         runs = counts

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from unillava.data.rle import rle_string_counts
+
 MaskLike = np.ndarray | Mapping[str, Any]
 
 METEOR_NEEDS_JAVA = "METEOR needs Java (apt-get install default-jre-headless)"
@@ -262,36 +264,6 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
 # --------------------------------------------------------------------------------------------------
 
 
-def _rle_string_counts(counts: str) -> list[int]:
-    """Decode COCO's compressed RLE string in Python, so malformed input is caught before pycocotools.
-
-    pycocotools decodes garbage strings without checking run lengths (and can read past its buffer),
-    so every RLE string is checked here first.
-    """
-    out: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value = 0
-        shift = 0
-        more = True
-        while more:
-            if pos >= len(counts):
-                raise ValueError("RLE counts string ends inside a number")
-            code = ord(counts[pos]) - 48
-            if not 0 <= code < 64:
-                raise ValueError(f"RLE counts string has an invalid character {counts[pos]!r}")
-            value |= (code & 0x1F) << (5 * shift)
-            more = bool(code & 0x20)
-            pos += 1
-            shift += 1
-            if not more and code & 0x10:
-                value |= -1 << (5 * shift)
-        if len(out) > 2:
-            value += out[-2]
-        out.append(value)
-    return out
-
-
 def _rle_runs(mask: Mapping[str, Any]) -> tuple[int, int, list[int], bool]:
     """(height, width, run lengths, counts-was-a-string) of a validated RLE dict; ValueError if malformed."""
     size = mask.get("size")
@@ -306,7 +278,7 @@ def _rle_runs(mask: Mapping[str, Any]) -> tuple[int, int, list[int], bool]:
     if isinstance(counts, bytes):
         counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
-        runs = _rle_string_counts(counts)
+        runs = rle_string_counts(counts)
     elif isinstance(counts, list) and all(
         isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts
     ):
