@@ -510,13 +510,13 @@ class Trainer:
             raise FloatingPointError(f"step {self.step + 1}: loss is {loss}")
         metrics: dict[str, float] = {}
         if pixel:
-            bce, dice, regularizer = acc.reduce(parts, "sum").tolist()
+            # the flags are reduced with the sums (one collective), so every process logs the same keys
+            flags = torch.tensor(seen, dtype=torch.float32, device=acc.device)
+            bce, dice, regularizer, any_masks, any_regularizer = acc.reduce(torch.cat([parts, flags]), "sum").tolist()
             counts = pixel["global_counts"]
-            # a flag from any process: reduce it too, so every process logs the same keys
-            flags = acc.reduce(torch.tensor(seen, dtype=torch.float32, device=acc.device), "sum").tolist()
-            if flags[0] and counts["masks"]:
+            if any_masks and counts["masks"]:
                 metrics.update(mask_bce=bce / counts["masks"], mask_dice=dice / counts["masks"])
-            if flags[1] and counts["images"]:
+            if any_regularizer and counts["images"]:
                 metrics["object_regularizer"] = regularizer / counts["images"]
         return loss, int(tokens), grad_norm, lrs, metrics
 
