@@ -342,6 +342,8 @@ def make_data(args: argparse.Namespace) -> Path:
         "max_size": DETAIL_SCENE_SIZE,
         "aspect_range": [1.0, 1.0],
         "difficulty": "easy",
+        "fine_every": 1 if args.scenes == "single-text" else 5,
+        "max_texts": 1 if args.scenes == "single-text" else None,
         "tasks": list(DETAIL_TASKS),
     }
     manifest = data / "manifest.json"
@@ -549,6 +551,13 @@ def main(argv: list[str] | None = None) -> None:
     trained = parser.add_argument_group("detail (5b) and frozen (5c)")
     trained.add_argument(
         "--data", default="runs/convllava-detail/data", help="shapes data set (made if absent)"
+    )
+    trained.add_argument(
+        "--scenes",
+        choices=["mixed", "single-text"],
+        default="mixed",
+        help="mixed: every 5th scene fine, any number of characters; single-text: every scene fine with "
+        "exactly one character, so fine_text is answered by reading alone (no object to find)",
     )
     trained.add_argument("--out", default=None, help="runs/convllava-EXPERIMENT by default")
     trained.add_argument("--n-train", type=int, default=5000, help="train scenes (every 5th is a fine one)")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
@@ -97,7 +98,7 @@ def test_tower_token_counts(use_prior):
     assert [p.objects.shape for p in parts] == [(len(w), tower.query_dim) for w in winners]
     assert all(1 <= len(w) <= queries for w in winners)
     if use_prior:  # the prior is the tail of each pixel token
-        prior, _ = perception_prior(tower.memory_for(pixels[0]), (2, 2))
+        prior, _ = perception_prior(tower.memory_for(pixels[0]), (2, 2), (IMAGE_SIZE, IMAGE_SIZE))
         assert torch.allclose(parts[0].pixels[:, 4 * backbone :], prior[0], atol=1e-6)
     tower.attach_language_model(64)
     features, valid = tower.embed(pixels, torch.nn.Linear(tower.hidden_size, 64))
@@ -107,6 +108,33 @@ def test_tower_token_counts(use_prior):
         assert not feature[~mask].any()  # empty slots are zeros (and masked by the model)
     listed, _ = tower.embed(list(pixels), torch.nn.Linear(tower.hidden_size, 64))
     assert [f.shape for f in listed] == [f.shape for f in features]
+
+
+@pytest.mark.parametrize("image_size,grid", [((64, 64), (2, 2)), ((96, 64), (3, 2)), ((256, 256), (4, 4))])
+def test_prior_map_follows_the_released_order(image_size, grid):
+    """Released: upsample the mask logits to the image, sigmoid, times the smoothed score, resize to the
+    grid, softmax over queries; the sigmoid does not commute with the resizes, so the order matters."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    queries, dim = 5, 6
+    logits = 4 * torch.randn(2, queries, image_size[0] // 4, image_size[1] // 4)
+    class_logits = torch.randn(2, queries, 4)
+    embeddings = torch.randn(2, queries, dim)
+    output = SimpleNamespace(
+        mask_logits=[logits],
+        scores=lambda: class_logits.softmax(-1)[..., :-1].max(-1).values,
+        query_embeddings=embeddings,
+    )
+    prior, prior_map = perception_prior(output, grid, image_size)
+    upsampled = F.interpolate(logits, size=image_size, mode="bilinear", align_corners=False).sigmoid()
+    expected_map = (0.5 * output.scores() + 0.5)[..., None, None] * upsampled
+    expected_map = F.interpolate(expected_map, size=grid, mode="bilinear", align_corners=False).flatten(2)
+    assert torch.allclose(prior_map, expected_map, atol=1e-5)
+    assert torch.allclose(prior, torch.einsum("bqn,bqc->bnc", expected_map.softmax(1), embeddings), atol=1e-5)
+    stride4_first = (0.5 * output.scores() + 0.5)[..., None, None] * logits.sigmoid()
+    stride4_first = F.interpolate(stride4_first, size=grid, mode="bilinear", align_corners=False).flatten(2)
+    assert not torch.allclose(stride4_first, expected_map, atol=1e-3)  # the order the test tells apart
 
 
 def test_pixel_tokens_use_the_released_channel_order():

@@ -326,6 +326,8 @@ def data_cli(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--tasks", "vqa,nonsense"], "nonsense"),
         (["--n-val", "-1"], "n-val"),
         (["--workers", "0"], "workers"),
+        (["--fine-every", "-1"], "fine-every"),
+        (["--max-texts", "-2"], "max-texts"),
     ],
 )
 def test_cli_rejects_bad_flags(
@@ -353,6 +355,35 @@ def test_cli_generates_and_refuses_to_clobber(
     assert cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main([*args, "--overwrite"]) == 0
+
+
+def test_single_text_fine_scenes(data_cli: None, tmp_path: Path) -> None:
+    """--fine-every 1 --max-texts 1: every scene is fine and carries exactly one (tiny) character, so
+    fine_text asks about the only text in the image."""
+    args = ["data", "shapes", "--out", str(tmp_path), "--n", "12", "--n-val", "1", "--n-test", "1", "--quiet",
+            "--min-size", "384", "--max-size", "384", "--workers", "1", "--tasks", "fine_text",
+            "--fine-every", "1", "--max-texts", "1"]  # fmt: skip
+    assert cli.main(args) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["arguments"]["fine_every"] == 1 and manifest["arguments"]["max_texts"] == 1
+    scenes = [json.loads(line) for line in (tmp_path / "scenes" / "train.jsonl").open()]
+    assert all(scene["profile"] == "fine" for scene in scenes)
+    assert all(sum(o["text"] is not None for o in scene["objects"]) <= 1 for scene in scenes)
+    records = _jsonl(tmp_path / "tasks" / "train" / "fine_text.jsonl")
+    assert len(records) >= 10  # nearly every scene has its one character
+    for record in records:
+        scene = scenes[int(record["id"].split("_")[1]) - 1]
+        assert [o["text"] for o in scene["objects"] if o["text"]] == [record["conversations"][1]["value"]]
+
+
+def test_fine_every_picks_the_fine_scenes(scenes: dict) -> None:
+    from unillava.data.shapes import is_fine_scene
+
+    assert [i for i in range(1, 13) if is_fine_scene(i)] == [2, 7, 12]
+    assert all(is_fine_scene(i, 1) for i in range(1, 5)) and not any(is_fine_scene(i, 0) for i in range(1, 5))
+    for split in scenes:
+        for index, scene in scenes[split].items():
+            assert (scene["profile"] == "fine") == is_fine_scene(index)
 
 
 def test_api_validation_raises_data_error(tmp_path: Path) -> None:

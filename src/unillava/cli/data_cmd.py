@@ -33,6 +33,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         aspect_range=_parse_aspect(args.aspect_range),
         difficulty=args.difficulty,
+        fine_every=args.fine_every,
+        max_texts=args.max_texts,
         workers=args.workers,
         tasks=args.tasks,
         progress=not args.quiet,
@@ -63,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--max-size", type=int, default=1536, help="largest image side in px")
     shapes.add_argument("--aspect-range", default="0.5,2.0", help="width/height range 'lo,hi'")
     shapes.add_argument("--difficulty", default="medium", help="easy, medium or hard")
+    shapes.add_argument(
+        "--fine-every", type=int, default=5, help="every Nth scene has the fine profile (1: all, 0: none)"
+    )
+    shapes.add_argument(
+        "--max-texts", type=int, default=None, help="at most this many objects per scene carry a character"
+    )
     shapes.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     shapes.add_argument("--tasks", default="all", help="'all' or a comma list of task names")
     shapes.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")

@@ -22,7 +22,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
@@ -128,9 +128,12 @@ class SceneSpec:
     aspect_range: tuple[float, float] = (0.5, 2.0)
     difficulty: str = "medium"
     fine: bool = False
+    max_texts: int | None = None  # at most this many objects carry a character (None: no cap)
 
     def validate(self) -> SceneSpec:
         """Raise DataError naming the bad field; return self so calls chain."""
+        if self.max_texts is not None and (not isinstance(self.max_texts, int) or self.max_texts < 0):
+            raise DataError(f"max-texts must be a non-negative integer, got {self.max_texts!r}")
         if self.difficulty not in DIFFICULTIES:
             raise DataError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
         if not 64 <= self.min_size <= 8192 or not 64 <= self.max_size <= 8192:
@@ -535,12 +538,13 @@ def render_scene(
     top = np.full((height, width), -1, dtype=np.int16)  # id of the object visible at each pixel
     protected = np.zeros((height, width), dtype=bool)  # text / centre areas nobody may cover
     placed: list[dict[str, Any]] = []
+    texts = 0
     for _ in range(n_target):
         shape = _weighted(rng, SHAPES, SHAPE_WEIGHTS)
         color = _weighted(rng, COLOR_NAMES, COLOR_WEIGHTS)
         size = _weighted(rng, SIZE_CLASSES, size_w)
         sprite = _make_sprite(rng, shape, color, size, _extent(rng, size, short))
-        if rng.random() < text_prob:
+        if rng.random() < text_prob and (spec.max_texts is None or texts < spec.max_texts):
             _add_text(rng, sprite, diff, spec.fine)
         h, w = sprite.own.shape
         if w > width or h > height:
@@ -588,6 +592,7 @@ def render_scene(
                     "anchor": (ax, ay),
                 }
             )
+            texts += sprite.text is not None
             break
 
     present = sorted({COLORS[p["sprite"].color] for p in placed})
@@ -657,9 +662,10 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1000 + SPLITS.index(split)
 
 
-def is_fine_scene(index: int) -> bool:
-    """Every fifth scene (1-based indices 2, 7, 12, ...) uses the large-image / tiny-text profile."""
-    return index % 5 == 2
+def is_fine_scene(index: int, every: int = 5) -> bool:
+    """Every `every`-th scene (by default 1-based indices 2, 7, 12, ...) uses the large-image / tiny-text
+    profile; 1 makes every scene fine, 0 none."""
+    return every > 0 and index % every == 2 % every
 
 
 def image_path(split: str, index: int) -> str:
@@ -667,11 +673,11 @@ def image_path(split: str, index: int) -> str:
     return f"images/{split}/{split}_{index:06d}.png"
 
 
-def _render_job(job: tuple[str, str, int, int, SceneSpec]) -> tuple[str, int, dict, str]:
+def _render_job(job: tuple[str, str, int, int, SceneSpec, int]) -> tuple[str, int, dict, str]:
     """Render one scene and write its PNG; runs in a worker process."""
-    out_dir, split, sseed, index, spec = job
-    if is_fine_scene(index):
-        spec = SceneSpec(spec.min_size, spec.max_size, spec.aspect_range, spec.difficulty, True)
+    out_dir, split, sseed, index, spec, fine_every = job
+    if is_fine_scene(index, fine_every):
+        spec = replace(spec, fine=True)
     image, scene = render_scene([sseed, index], spec)
     scene["image_id"] = index
     scene["file_name"] = image_path(split, index)
@@ -780,12 +786,18 @@ def generate_dataset(
     max_size: int = 1536,
     aspect_range: tuple[float, float] = (0.5, 2.0),
     difficulty: str = "medium",
+    fine_every: int = 5,
+    max_texts: int | None = None,
     workers: int | None = None,
     tasks: str | Iterable[str] | None = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Render train/val/test scenes and write images, scene GT, COCO instances and task files.
+
+    `fine_every` picks the scenes with the fine profile (see `is_fine_scene`); `max_texts` caps the objects
+    that carry a character (1 makes fine_text answerable by reading alone, with no need to find the
+    described object: the probe of resolution that ConvLLaVA's experiment needs).
 
     Output bytes depend only on the arguments that appear in the manifest (not on workers), so a
     dataset can be regenerated exactly from its manifest. Returns the manifest.
@@ -805,10 +817,14 @@ def generate_dataset(
         raise DataError(f"--seed must be a non-negative integer, got {seed!r}")
     if workers is not None and workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
+    if not isinstance(fine_every, int) or fine_every < 0:
+        raise DataError(f"--fine-every must be a non-negative integer, got {fine_every!r}")
     aspect = tuple(float(v) for v in aspect_range)
     if len(aspect) != 2:
         raise DataError(f"aspect range needs two numbers lo,hi, got {aspect_range!r}")
-    spec = SceneSpec(int(min_size), int(max_size), (aspect[0], aspect[1]), difficulty).validate()
+    spec = SceneSpec(
+        int(min_size), int(max_size), (aspect[0], aspect[1]), difficulty, max_texts=max_texts
+    ).validate()
     task_names = _parse_tasks(tasks)
     workers = workers or os.cpu_count() or 1
 
@@ -822,7 +838,7 @@ def generate_dataset(
     (out / "scenes").mkdir(exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
 
-    jobs = [(str(out), s, split_seed(seed, s), i, spec) for s in SPLITS for i in range(1, counts[s] + 1)]
+    jobs = [(str(out), s, split_seed(seed, s), i, spec, fine_every) for s in SPLITS for i in range(1, counts[s] + 1)]
     total = len(jobs)
     scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 and total > 1 else None
@@ -884,6 +900,8 @@ def generate_dataset(
             "max_size": spec.max_size,
             "aspect_range": list(spec.aspect_range),
             "difficulty": spec.difficulty,
+            "fine_every": fine_every,
+            "max_texts": max_texts,
             "tasks": list(task_names),
         },
         "shapes": list(SHAPES),

@@ -4,7 +4,8 @@ Per image the sequence is `[pixel tokens, separator, object tokens]`:
 - pixel tokens: the backbone's last stage pixel-shuffled x2 (space-to-depth), one per 2x2 block
   (1024 px, stride 32 -> 16 x 16 = 256 tokens of 4C channels);
 - Perception Prior Embedding (`extra.use_prior`, default on): for each pixel token, a softmax over the
-  segmenter's queries of P_q = (0.5 * score_q + 0.5) * sigmoid(mask_q) (resized to the token grid)
+  segmenter's queries of P_q = (0.5 * score_q + 0.5) * sigmoid(mask_q) (mask logits upsampled to the
+  image, then resized to the token grid, as released)
   weights the query embeddings (content ++ position, 2D); the result is concatenated to the pixel
   feature, as the released code does, so one projector sees both;
 - object tokens (`extra.object_tokens`, default on): the queries that win at least one pixel of the
@@ -66,13 +67,39 @@ def pixel_tokens(backbone_last: torch.Tensor) -> torch.Tensor:
     return blocks.flatten(1, 3).flatten(2).transpose(1, 2)
 
 
-def perception_prior(output: PerceptionOutput, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-pixel prior embedding (B, gh*gw, 2D) and the P map (B, Q, gh*gw) it comes from."""
-    score = output.scores()
-    prior_map = (0.5 * score + 0.5)[..., None, None] * output.mask_logits[-1].sigmoid()
-    prior_map = F.interpolate(prior_map, size=grid, mode="bilinear", align_corners=False).flatten(2)
+def _linear_resize_weights(size_in: int, size_out: int) -> torch.Tensor:
+    """(size_out, size_in) weights of torch's 1-D linear resize (align_corners=False); bilinear is this
+    along each axis."""
+    unit_signals = torch.eye(size_in)[:, None, :]
+    return F.interpolate(unit_signals, size=size_out, mode="linear", align_corners=False)[:, 0, :].T
+
+
+def _prior_axis(coarse: int, image: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one axis: logits -> the image pixels the grid reads (U), and those pixels -> grid (D)."""
+    down = _linear_resize_weights(image, grid)
+    read = down.abs().sum(0).nonzero().flatten()
+    return _linear_resize_weights(coarse, image)[read], down[:, read]
+
+
+def perception_prior(
+    output: PerceptionOutput, grid: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pixel prior embedding (B, gh*gw, 2D) and the P map (B, Q, gh*gw) it comes from.
+
+    As released: mask logits upsampled to the input image, sigmoid, times the smoothed score, resized to
+    the token grid, softmax over queries. Only the image pixels the grid resize reads are computed, so
+    the full-resolution (Q, H, W) map is never built.
+    """
+    logits = output.mask_logits[-1].float()
+    up_h, down_h = _prior_axis(logits.shape[-2], image_size[0], grid[0])
+    up_w, down_w = _prior_axis(logits.shape[-1], image_size[1], grid[1])
+    probs = torch.einsum("ih,bqhw,jw->bqij", up_h, logits, up_w).sigmoid()
+    probs = torch.einsum("gi,bqij,kj->bqgk", down_h, probs, down_w)
+    score = output.scores().float()
+    prior_map = ((0.5 * score + 0.5)[..., None, None] * probs).flatten(2)
     weights = prior_map.softmax(dim=1)
-    return torch.einsum("bqn,bqc->bnc", weights, output.query_embeddings), prior_map
+    embeddings = output.query_embeddings
+    return torch.einsum("bqn,bqc->bnc", weights, embeddings.float()).to(embeddings.dtype), prior_map
 
 
 def winning_queries(prior_map: torch.Tensor, scores: torch.Tensor, limit: int | None) -> list[torch.Tensor]:
@@ -225,11 +252,12 @@ class OMGTower(VisionTower):
 
     def encode_parts(self, pixel_values: torch.Tensor) -> list[ImageParts]:
         """(B, 3, H, W) -> per image the pixel (+prior) features and the object queries' embeddings."""
-        grid = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        grid = self.grid(*size)
         parts = []
         for p in self.perceive(pixel_values):
             pixels = pixel_tokens(p.memory.backbone_last)[0]
-            prior, prior_map = perception_prior(p, grid)
+            prior, prior_map = perception_prior(p, grid, size)
             if self.use_prior:
                 pixels = torch.cat([pixels, prior[0].to(pixels.dtype)], dim=-1)
             objects = pixels.new_zeros(0, self.query_dim)
@@ -241,10 +269,11 @@ class OMGTower(VisionTower):
 
     def object_query_indices(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Per image, the segmenter queries that become object tokens."""
-        grid = self.grid(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
+        grid = self.grid(*size)
         result = []
         for out in self.perceive(pixel_values):
-            _, prior_map = perception_prior(out, grid)
+            _, prior_map = perception_prior(out, grid, size)
             result += winning_queries(prior_map, out.scores(), self.object_slots)
         return result
 
