@@ -27,9 +27,7 @@ H, LLM_HEADS, KV_HEADS, LLM_LAYERS, FF, RANK, ALPHA = 64, 4, 2, 2, 96, 4, 8.0
 IMAGE = 128
 UNUSED_SEGMENTER = {"backbone.head.0.norm.weight", "backbone.head.0.norm.bias", "backbone.head.1.mlp.fc1.weight",
                     "backbone.head.1.mlp.fc1.bias", "backbone.head.1.mlp.fc2.weight", "panoptic_head.iou_embed.0.weight",
-                    "panoptic_head.iou_embed.0.bias", "panoptic_head.mask_tokens.weight",
-                    "panoptic_head.pb_embedding.weight", "panoptic_head.pos_linear.weight",
-                    "panoptic_head.pos_linear.bias", "panoptic_head.future_part.weight"}
+                    "panoptic_head.iou_embed.0.bias", "panoptic_head.future_part.weight"}
 
 
 class Weights(dict):
@@ -110,11 +108,11 @@ def omg_seg_state() -> dict[str, torch.Tensor]:
         w.linear(f"{head}cls_proj.{index}", EMBED if index == 4 else D, D)
     w.norm(head + "mask_pooling_proj.0", D)
     w.linear(head + "mask_pooling_proj.1", D, D)
-    # released parts OMG-LLaVA never uses, and a key this converter does not know
-    w.linear(head + "iou_embed.0", D, D)
-    w.add(head + "mask_tokens.weight", 1, D)
+    w.add(head + "mask_tokens.weight", 1, D)  # the visual-prompt query start
     w.add(head + "pb_embedding.weight", 2, D)
     w.linear(head + "pos_linear", D, 2 * D)
+    # released parts OMG-LLaVA never uses, and a key this converter does not know
+    w.linear(head + "iou_embed.0", D, D)
     w.add(head + "future_part.weight", 2)
     return dict(w)
 
@@ -424,9 +422,10 @@ def mha(sd, name):
     return module
 
 
-def mmdet_decoder(sd, ov, multi_scale, mask_features):
+def mmdet_decoder(sd, ov, multi_scale, mask_features, query=None, query_pos=None, restrict=None):
     """Mask2FormerVideoSemSamHead.forward for images: per layer (class logits, mask logits), and the query
-    states it hands on (the last layer's output, not normalised)."""
+    states it hands on (the last layer's output, not normalised). With `query`/`query_pos` (B, K, D) and
+    `restrict(mask_logits_at_size) -> blocked` it is the head's visual-prompt forward instead."""
     head, dec = "panoptic_head.", "panoptic_head.transformer_decoder."
 
     def ln(x, name):
@@ -441,8 +440,8 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features):
     batch = mask_features.shape[0]
     inputs = [m.flatten(2).transpose(1, 2) + sd[head + "level_embed.weight"][i] for i, m in enumerate(multi_scale)]
     positions = [sine_3d(batch, *m.shape[-2:]) for m in multi_scale]
-    query = sd[head + "query_feat.weight"].expand(batch, -1, -1)
-    query_pos = sd[head + "query_embed.weight"].expand(batch, -1, -1)
+    query = sd[head + "query_feat.weight"].expand(batch, -1, -1) if query is None else query
+    query_pos = sd[head + "query_embed.weight"].expand(batch, -1, -1) if query_pos is None else query_pos
     text = torch.cat([ov, torch.zeros(1, PROTOTYPES, EMBED)]).permute(2, 0, 1)  # background: zero prototype
 
     def predict(q, size):
@@ -454,7 +453,8 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features):
                           sd[head + "mask_pooling_proj.1.bias"])
         embedding = F.normalize(mlp(pooled + normed, head + "cls_proj", (0, 2, 4)), dim=-1)
         classes = torch.einsum("bnc,ckp->bnkp", embedding, text).max(-1).values * math.exp(4.6052)
-        attn = F.interpolate(masks, size, mode="bilinear", align_corners=False).flatten(2).sigmoid() < 0.5
+        resized = F.interpolate(masks, size, mode="bilinear", align_corners=False)
+        attn = resized.flatten(2).sigmoid() < 0.5 if restrict is None else restrict(resized)
         return classes, masks, attn.repeat_interleave(HEADS, dim=0)
 
     classes, masks, attn = predict(query, multi_scale[0].shape[-2:])
@@ -499,6 +499,80 @@ def test_converted_segmenter_matches_the_released_computation(released, converte
     torch.testing.assert_close(out.queries, queries, atol=1e-4, rtol=1e-4)  # what OMG-LLaVA's tokens are built from
     assert out.class_logits[-1].shape == (2, QUERIES, CLASSES + 1)
     assert (out.class_logits[-1][..., -1] == 0).all()  # the zero background prototype
+
+
+def released_prompt_start(sd, points):
+    """OMG-Seg's prepare_sam_query: a +-3 px box around each point (N, 2) in input pixels, normalised,
+    cxcywh, through inverse_sigmoid and sigmoid, mmdet's coordinate_to_encoding, pos_linear."""
+    boxes = torch.cat([points - 3, points + 3], dim=-1) / IMAGE
+    boxes = torch.cat([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], dim=-1)
+    x = boxes.clamp(0, 1)
+    boxes = torch.log(x.clamp(min=1e-5) / (1 - x).clamp(min=1e-5)).sigmoid()
+    feats = sd["panoptic_head.pos_linear.weight"].shape[1] // 4
+    dim_t = 10000 ** (2 * (torch.arange(feats) // 2) / feats)
+
+    def encode(v):
+        v = (v * 2 * math.pi)[:, None] / dim_t
+        return torch.stack((v[:, 0::2].sin(), v[:, 1::2].cos()), dim=-1).flatten(1)
+
+    encoding = torch.cat([encode(boxes[:, 1]), encode(boxes[:, 0]), encode(boxes[:, 2]), encode(boxes[:, 3])], -1)
+    position = F.linear(encoding, sd["panoptic_head.pos_linear.weight"], sd["panoptic_head.pos_linear.bias"])
+    content = sd["panoptic_head.pb_embedding.weight"][0] + sd["panoptic_head.mask_tokens.weight"][0]
+    return content.expand(len(points), -1)[:, None], position[:, None]
+
+
+def test_visual_prompts_use_the_released_prompt_queries(released, converted):
+    """Box, point and mask prompts through the converted segmenter against OMG-Seg's own prompt forward:
+    the query start from pb_embedding / mask_tokens / pos_linear, a box limiting the query's predicted
+    mask, a point unrestricted, a mask prompt the only place the query looks."""
+    from unillava.perception.prompts import encode_prompts, prompt_region
+
+    _, model = converted
+    perception = model.vision_tower.perception
+    assert perception.config.prompt_queries == "omg_seg"
+    sd = released["segmenter"]
+    pixels = torch.randn(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(IMAGE, IMAGE, dtype=torch.bool)
+    mask[40:90, 20:70] = True
+    prompts = [
+        {"type": "box", "box": [32, 64, 96, 128]},  # on the coarsest (stride 32) cell edges
+        {"type": "point", "point": [50.5, 70.5]},
+        {"type": "mask", "mask": mask.numpy()},
+    ]
+    regions = [prompt_region(p, IMAGE, IMAGE, IMAGE) for p in prompts]
+    with torch.no_grad():
+        memory = perception.encode(pixels)
+        ours = encode_prompts(perception, memory, regions)
+        pixel = perception.model.pixel_level_module(pixels)
+        levels, mask_features = list(pixel.decoder_hidden_states), pixel.decoder_last_hidden_state
+
+        def box_rule(resized):
+            h, w = resized.shape[-2:]
+            inside = torch.zeros(h, w, dtype=torch.bool)
+            inside[int(64 / IMAGE * h): int(128 / IMAGE * h), int(32 / IMAGE * w): int(96 / IMAGE * w)] = True
+            return torch.where(inside, resized, torch.full_like(resized, -100.0)).flatten(2).sigmoid() < 0.5
+
+        def mask_rule(resized):
+            return ~F.interpolate(mask[None, None].float(), resized.shape[-2:], mode="nearest").flatten(2).bool()
+
+        anchors = torch.tensor([[64.0, 96.0], [50.5, 70.5], [regions[2].anchor[0] * IMAGE, regions[2].anchor[1] * IMAGE]])
+        content, position = released_prompt_start(sd, anchors)
+        for row, rule in enumerate((box_rule, None, mask_rule)):
+            _, query = mmdet_decoder(sd, class_embeddings(), levels, mask_features, content[row : row + 1],
+                                     position[row : row + 1], restrict=rule)
+            expected = torch.cat([query[0, 0], position[row, 0]])
+            torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
+        mean_start = encode_prompts(model_with_mean_queries(perception), memory, regions)
+    assert not torch.allclose(mean_start, ours, atol=1e-3)  # the released start is what made the difference
+
+
+def model_with_mean_queries(perception):
+    """The same segmenter without OMG-Seg's prompt-query weights (unillava's default start)."""
+    import copy
+
+    plain = copy.deepcopy(perception)
+    plain.prompt_query = None
+    return plain
 
 
 def test_trainable_decoder_copy_loads_as_the_seg_decoder(released, tmp_path):

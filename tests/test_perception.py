@@ -89,12 +89,40 @@ def test_region_restricts_cross_attention(model):
     logits = torch.zeros(1, 2, 16, 16)  # sigmoid 0.5: the mask alone blocks nothing
     region = torch.zeros(1, 2, 64, 64, dtype=torch.bool)
     region[0, 0, 0:16, 0:16] = True  # a box in the top-left quarter
-    blocked = model._attention_mask(logits, (4, 4), region)
+    blocked = model._attention_mask(logits, (4, 4), region, "prefer_region")
     heads = model.config.num_attention_heads
     assert blocked.shape == (heads, 2, 16)
     allowed = ~blocked[0, 0].view(4, 4)
     assert allowed[:1, :1].all() and allowed.sum() == 1
     assert not blocked[0, 1].any()  # an empty region falls back to everything, never to nothing
+
+
+def _cells(rows: slice, cols: slice) -> torch.Tensor:
+    grid = torch.zeros(4, 4, dtype=torch.bool)
+    grid[rows, cols] = True
+    return grid
+
+
+@pytest.mark.parametrize(
+    "rule,allowed_apart,allowed_overlapping",
+    [  # the query's own mask covers the right half; the region is the top-left quarter or the top half
+        ("prefer_region", _cells(slice(0, 2), slice(0, 2)), _cells(slice(0, 2), slice(2, 4))),
+        ("within_region", _cells(slice(0, 4), slice(0, 4)), _cells(slice(0, 2), slice(2, 4))),
+        ("region_only", _cells(slice(0, 2), slice(0, 2)), _cells(slice(0, 2), slice(0, 4))),
+        ("unrestricted", _cells(slice(0, 4), slice(2, 4)), _cells(slice(0, 4), slice(2, 4))),
+    ],
+)
+def test_region_rules(model, rule, allowed_apart, allowed_overlapping):
+    """How a visual-prompt query's region and its own predicted mask combine (OMG-Seg's rules per prompt
+    kind, and unillava's default), including the fall-backs when nothing would be left."""
+    logits = torch.full((1, 2, 16, 16), -5.0)
+    logits[..., 8:] = 5.0
+    region = torch.zeros(1, 2, 64, 64, dtype=torch.bool)
+    region[0, 0, 0:32, 0:32] = True
+    region[0, 1, 0:32, :] = True
+    blocked = model._attention_mask(logits, (4, 4), region, rule)
+    assert torch.equal(~blocked[0, 0].view(4, 4), allowed_apart)
+    assert torch.equal(~blocked[0, 1].view(4, 4), allowed_overlapping)
 
 
 def test_geometry_roundtrip():

@@ -121,9 +121,6 @@ _SEGMENTER_UNUSED = (
     (r"^backbone\.head\.", "CLIP image head: OMG-Seg uses it only to re-score classes with CLIP features "
      "(open_voc_inference), which OMG-LLaVA never runs"),
     (r"^panoptic_head\.iou_embed\.", "IoU head: OMG-Seg's predict() drops its output and OMG-LLaVA never reads it"),
-    (r"^panoptic_head\.(mask_tokens|pb_embedding|pos_linear)\.", "OMG-Seg's SAM-style prompt query embedding: "
-     "unillava builds visual-prompt queries from the mean learned query and a sine encoding of the prompt's "
-     "anchor (perception/prompts.py)"),
 )
 
 
@@ -300,6 +297,14 @@ def convert_segmenter(
             keymap.linear(f"panoptic_head.cls_proj.{index}", f"class_predictor.cls_proj.{index}")
         for index in (0, 1):
             keymap.linear(f"panoptic_head.mask_pooling_proj.{index}", f"class_predictor.mask_pooling_proj.{index}")
+
+    if "panoptic_head.pos_linear.weight" in segmenter:  # OMG-Seg's own visual-prompt queries
+        config.update(prompt_queries="omg_seg",
+                      prompt_query_labels=shape("panoptic_head.pb_embedding.weight")[0],
+                      prompt_mask_tokens=shape("panoptic_head.mask_tokens.weight")[0])
+        keymap.add("panoptic_head.pb_embedding.weight", "prompt_query.pb_embedding.weight")
+        keymap.add("panoptic_head.mask_tokens.weight", "prompt_query.mask_tokens.weight")
+        keymap.linear("panoptic_head.pos_linear", "prompt_query.pos_linear")
 
     state.update(keymap.apply(segmenter, source))
     left = [k for k in keys if k not in keymap.entries and not k.startswith("backbone.")]

@@ -26,7 +26,13 @@ from transformers.utils import logging as hf_logging
 
 from unillava.errors import CheckpointError
 from unillava.perception.matching import install_fallback_solver
-from unillava.perception.omg_seg import apply_backbone_feature_norm, build_class_head, classify, handed_on
+from unillava.perception.omg_seg import (
+    apply_backbone_feature_norm,
+    build_class_head,
+    build_prompt_query,
+    classify,
+    handed_on,
+)
 
 CONFIG_NAME = "perception_config.json"
 WEIGHTS_NAME = "perception.safetensors"
@@ -169,6 +175,7 @@ class PerceptionModel(nn.Module):
         self.model = Mask2FormerModel(self.config)
         apply_backbone_feature_norm(self.model, self.config)  # OMG-Seg options: see perception/omg_seg.py
         self.class_predictor = build_class_head(self.config)
+        self.prompt_query = build_prompt_query(self.config)
         self.weight_dict = {
             "loss_cross_entropy": self.config.class_weight,
             "loss_mask": self.config.mask_weight,
@@ -238,16 +245,23 @@ class PerceptionModel(nn.Module):
         return torch.einsum("bqc,bchw->bqhw", embeddings, mask_features)
 
     def _attention_mask(
-        self, mask_logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None
+        self, mask_logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None, rule: str
     ) -> torch.Tensor:
-        """Mask2Former's masked attention (attend where the previous mask is > 0.5), intersected with the
-        query's region; a query that would see nothing falls back to its region, then to everything."""
+        """Mask2Former's masked attention (attend where the previous mask is > 0.5) combined with the
+        query's region by `rule`: `prefer_region` (ours) intersects and falls back to the region, then to
+        everything; `within_region` intersects and falls back to everything; `region_only` attends to
+        the region alone (OMG-Seg's mask prompts); `unrestricted` ignores the region."""
         blocked = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False).sigmoid() < 0.5
         blocked = blocked.flatten(2)
-        if region is not None:
+        if region is not None and rule == "region_only":
+            blocked = ~(F.interpolate(region.float(), size=size, mode="nearest") > 0).flatten(2)
+        elif region is not None and rule in ("prefer_region", "within_region"):
             outside = ~(F.interpolate(region.float(), size=size, mode="area") > 0).flatten(2)
             blocked = blocked | outside
-            blocked = torch.where(blocked.all(-1, keepdim=True), outside, blocked)
+            if rule == "prefer_region":
+                blocked = torch.where(blocked.all(-1, keepdim=True), outside, blocked)
+        elif region is not None and rule != "unrestricted":
+            raise ValueError(f"unknown region rule {rule!r}")
         blocked = blocked & ~blocked.all(-1, keepdim=True)
         return blocked.repeat_interleave(self.config.num_attention_heads, dim=0).detach()
 
@@ -258,11 +272,13 @@ class PerceptionModel(nn.Module):
         position: torch.Tensor,
         region: torch.Tensor | None = None,
         decoder: nn.Module | None = None,
+        region_rule: str = "prefer_region",
     ) -> DecodeOutput:
         """Run queries (B, K, D) content + position through every decoder layer over `memory`.
 
         `region` (B, K, h, w) bool, any resolution, restricts each query's cross-attention to it in
-        every layer (visual prompts). Queries in one batch row attend to each other (self-attention), as
+        every layer (visual prompts), combined with its own predicted mask by `region_rule` (see
+        `_attention_mask`). Queries in one batch row attend to each other (self-attention), as
         Mask2Former's learned queries do; decode independent queries as separate rows (`PerceptionMemory.select`).
         `decoder`: a copy of this model's transformer decoder to run instead (OMG-LLaVA's optional
         trainable [SEG] decoder); the memory and the class head stay this model's.
@@ -276,7 +292,7 @@ class PerceptionModel(nn.Module):
         levels = len(memory.sizes)
         for index, layer in enumerate(decoder.layers):
             level = index % levels
-            attention = self._attention_mask(masks[-1], memory.sizes[level], region)
+            attention = self._attention_mask(masks[-1], memory.sizes[level], region, region_rule)
             hidden = layer(hidden, level, None, memory.positions, query_pos, memory.features,
                            encoder_attention_mask=attention)[0]
             normed = decoder.layernorm(hidden)

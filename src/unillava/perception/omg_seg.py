@@ -13,6 +13,11 @@ query states:
 - `query_states: raw`. OMG-Seg's head hands on its last decoder layer's output before the final LayerNorm
   (the norm is applied only to predict classes and masks); OMG-LLaVA's prior, object tokens and
   visual-prompt tokens are built from those raw states, so its projectors expect them.
+- `prompt_queries: "omg_seg"`. OMG-Seg starts a visual-prompt query from learned weights: content
+  `pb_embedding[0] + mask_tokens[0]`, position `pos_linear` of the sine encoding of a +-3 px box around
+  the prompt's point, and its attention rule depends on the prompt (see `PROMPT_ATTENTION`). The default,
+  `mean_query`, has no such weights (stage 0 has no interactive training): the mean learned query and a
+  sine position of the anchor, restricted to the region (perception/prompts.py).
 
 All default to the transformers behaviour (what stage 0 trains), so configs without these keys are
 unchanged.
@@ -85,6 +90,57 @@ def classify(head: nn.Module, queries: torch.Tensor, mask_logits: torch.Tensor,
     if isinstance(head, OpenVocabClassHead):
         return head(queries, mask_logits, mask_features)
     return head(queries)
+
+
+# How a prompt query's cross-attention is restricted in each decoder layer, per prompt kind, with OMG-Seg's
+# prompt queries: a box limits the query's own predicted mask to the box, a mask prompt is the only place
+# it may look, a point is not restricted at all (its +-3 px box only places the query). Every rule falls
+# back to the whole image when it would leave nothing to attend to.
+PROMPT_ATTENTION = {"box": "within_region", "mask": "region_only", "point": "unrestricted"}
+PROMPT_BOX_HALF_SIDE = 3  # px of the input, around the point (a box's centre, a mask's deepest point)
+
+
+def box_sine_encoding(boxes: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(K, 4) boxes (cx, cy, w, h) in [0, 1] -> (K, 4 * num_feats): per coordinate alternating sin / cos
+    at DETR's frequencies, concatenated in the order y, x, w, h (mmdet's `coordinate_to_encoding`)."""
+    steps = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    frequencies = temperature ** (2 * (steps // 2) / num_feats)
+    parts = []
+    for column in (1, 0, 2, 3):
+        angles = boxes[:, column, None].float() * 2 * math.pi / frequencies
+        parts.append(torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1).flatten(1))
+    return torch.cat(parts, dim=-1)
+
+
+class PromptQueryEmbedding(nn.Module):
+    """OMG-Seg's visual-prompt query start: content and position (K, D) for anchors (K, 2) in [0, 1]."""
+
+    def __init__(self, hidden_dim: int, labels: int = 2, mask_tokens: int = 1):
+        super().__init__()
+        self.pb_embedding = nn.Embedding(labels, hidden_dim)
+        self.mask_tokens = nn.Embedding(mask_tokens, hidden_dim)
+        self.pos_linear = nn.Linear(2 * hidden_dim, hidden_dim)
+
+    def forward(self, anchors: torch.Tensor, input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = input_size
+        size = anchors.new_tensor([2 * PROMPT_BOX_HALF_SIDE / width, 2 * PROMPT_BOX_HALF_SIDE / height])
+        # The released code passes the box through inverse_sigmoid and back: a clamp to [1e-5, 1 - 1e-5].
+        boxes = torch.cat([anchors, size.expand_as(anchors)], dim=-1).clamp(0, 1)
+        low, high = boxes.clamp(min=1e-5), (1 - boxes).clamp(min=1e-5)
+        position = self.pos_linear(box_sine_encoding(low / (low + high), self.pos_linear.in_features // 4))
+        content = (self.pb_embedding.weight[0] + self.mask_tokens.weight[0]).expand(len(anchors), -1)
+        return content, position
+
+
+def build_prompt_query(config: Any) -> PromptQueryEmbedding | None:
+    """OMG-Seg's prompt-query weights when the config asks for them (`prompt_queries: omg_seg`)."""
+    kind = getattr(config, "prompt_queries", "mean_query")
+    if kind == "mean_query":
+        return None
+    if kind == "omg_seg":
+        return PromptQueryEmbedding(config.hidden_dim, int(getattr(config, "prompt_query_labels", 2)),
+                                    int(getattr(config, "prompt_mask_tokens", 1)))
+    raise ValueError(f"perception config: prompt_queries {kind!r} is not 'mean_query' or 'omg_seg'")
 
 
 def apply_backbone_feature_norm(model: nn.Module, config: Any) -> None:

@@ -4,7 +4,9 @@ OMG-LLaVA encodes a user's marked region with the segmenter itself. The query st
 position of the region's anchor, meaning the box centre, the point, or a mask's deepest interior
 point. Its cross-attention is restricted to the region in every decoder layer, so the query ends up
 describing what is inside. A point becomes a small box, +-3 px at 1024 px input, scaled with the input.
-The final query (content ++ position) stands in for a `<region>` or `<mark>` token.
+The final query (content ++ position) stands in for a `<region>` or `<mark>` token. A segmenter
+converted from OMG-Seg starts and restricts the query with OMG-Seg's own weights and rules instead
+(`prompt_queries: omg_seg`, perception/omg_seg.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from unillava.data.shapes import decode_mask
 from unillava.errors import DataError
 from unillava.perception.geometry import PadGeometry
 from unillava.perception.model import PerceptionMemory, PerceptionModel
+from unillava.perception.omg_seg import PROMPT_ATTENTION
 
 POINT_HALF_SIDE = 3 / 1024  # of the input side
 
@@ -163,15 +166,33 @@ def sine_position(anchors: torch.Tensor, dim: int, temperature: float = 10000.0)
 
 def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: list[PromptRegion]) -> torch.Tensor:
     """The final query embedding (K, 2D) of each prompt on one image's memory (batch 1): independent
-    queries, each restricted to its region, starting from the mean learned query content."""
+    queries (one per batch row). By default each starts from the mean learned query content at a sine
+    position of its anchor and is restricted to its region; a segmenter with OMG-Seg's prompt-query
+    weights starts and restricts them as OMG-Seg does (`perception/omg_seg.py`)."""
     if not prompts:
         return memory.mask_features.new_zeros(0, 2 * model.hidden_dim)
     k = len(prompts)
     dtype = memory.mask_features.dtype
     device = memory.mask_features.device
     anchors = torch.tensor([p.anchor for p in prompts], device=device)
-    position = sine_position(anchors, model.hidden_dim).to(dtype)
-    content = model.model.transformer_module.queries_features.weight.mean(0).to(dtype).expand(k, -1)
     regions = torch.stack([p.region for p in prompts]).to(device)[:, None]
-    out = model.decode(memory.select(0, repeat=k), content[:, None], position[:, None], region=regions)
-    return torch.cat([out.queries[:, 0], position], dim=-1)
+    if model.prompt_query is None:
+        position = sine_position(anchors, model.hidden_dim).to(dtype)
+        content = model.model.transformer_module.queries_features.weight.mean(0).to(dtype).expand(k, -1)
+        out = model.decode(memory.select(0, repeat=k), content[:, None], position[:, None], region=regions)
+        return torch.cat([out.queries[:, 0], position], dim=-1)
+    unknown = sorted({p.kind for p in prompts} - set(PROMPT_ATTENTION))
+    if unknown:
+        raise ValueError(f"prompt kind(s) {unknown}: OMG-Seg's prompt queries know {sorted(PROMPT_ATTENTION)}")
+    content, position = model.prompt_query(anchors, tuple(prompts[0].region.shape[-2:]))
+    content, position = content.to(dtype), position.to(dtype)
+    queries = content.new_zeros(k, model.hidden_dim)
+    for kind, rule in PROMPT_ATTENTION.items():
+        rows = [i for i, p in enumerate(prompts) if p.kind == kind]
+        if not rows:
+            continue
+        index = torch.tensor(rows, device=device)
+        out = model.decode(memory.select(0, repeat=len(rows)), content[index, None], position[index, None],
+                           region=regions[index], region_rule=rule)
+        queries[index] = out.queries[:, 0]
+    return torch.cat([queries, position], dim=-1)
