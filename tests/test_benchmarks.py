@@ -608,6 +608,22 @@ def test_invalid_records_are_named_refused_or_counted(tmp_path):
     assert sorted(p.split(":")[0] for p in res["problems"]["invalid_records"]) == [f"{path} line 2", f"{path} line 3"]
 
 
+def test_keyed_json_files_name_bad_entries(tmp_path):
+    """MM-Vet and GQA map ids to records: an entry that is not an object is a named problem, a file that is
+    not an object is refused with what it should map."""
+    d = make_mmvet(tmp_path)
+    path = d / "mm-vet.json"
+    data = json.loads(path.read_text())
+    data["v1_2"] = ["not", "a", "record"]
+    write(path, data)
+    _, result = load("mm-vet", tmp_path)
+    assert [item.id for item in result.items] == ["v1_0", "v1_1"]
+    assert result.problems == [f"{path} record 3 (id 'v1_2'): expected a JSON object"]
+    write(path, list(data.values()))
+    with pytest.raises(DataError, match="expected a JSON object mapping ids"):
+        BENCHMARKS["mm-vet"].load(d)
+
+
 def test_answer_file_for_another_split_is_refused(tmp_path):
     make_vqav2(tmp_path, ann_subtype="train2014")
     with pytest.raises(DataError, match="split 'train2014'.*'val2014'.*another split"):

@@ -127,6 +127,27 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path} line {err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
 
 
+def read_json_object(path: Path, expected: str) -> dict[str, Any]:
+    """A whole JSON file that must be an object; `expected` says what it should map, for the error."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object {expected}")
+    return data
+
+
+def keyed_records(path: Path, data: Mapping[str, Any], problems: Problems) -> list[tuple[str, str, dict]]:
+    """(location, id, record) per entry of a JSON object mapping ids to records (MM-Vet, GQA, ScienceQA);
+    entries that are not objects are recorded as problems."""
+    out = []
+    for number, (key, record) in enumerate(data.items(), start=1):
+        at = f"{path} record {number} (id {key!r})"
+        if isinstance(record, dict):
+            out.append((at, str(key), record))
+        else:
+            problems.add(at, "expected a JSON object")
+    return out
+
+
 def read_jsonl(path: Path, problems: Problems) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) per non-blank line; malformed lines are recorded in `problems`, not raised."""
     records: list[tuple[int, dict[str, Any]]] = []

@@ -34,6 +34,7 @@ from unillava.evaluation.benchmarks.base import (
     json_records,
     mean,
     read_json,
+    read_json_object,
     read_jsonl,
     read_text,
     split_mismatch,
@@ -99,10 +100,8 @@ class ScienceQA(Benchmark):
         split = split or "test"
         problems = Problems()
         p_path, s_path = root / "problems.json", root / "pid_splits.json"
-        data = read_json(p_path)
+        data = read_json_object(p_path, "mapping problem ids to problems")
         splits = read_json(s_path) if s_path.is_file() else None
-        if not isinstance(data, dict):
-            raise DataError(f"{p_path}: expected a JSON object mapping problem ids to problems")
         if splits is not None and (not isinstance(splits, dict) or not isinstance(splits.get(split), list)):
             raise DataError(f"{s_path}: no list for split {split!r}")
         pids = [str(p) for p in splits[split]] if splits is not None else [k for k, v in data.items()
@@ -435,9 +434,7 @@ class SEEDBench(Benchmark):
     def load(self, root: Path, split: str | None = None) -> LoadResult:
         problems = Problems()
         path = root / "SEED-Bench.json"
-        data = read_json(path)
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: expected an object with 'questions' and 'question_type'")
+        data = read_json_object(path, "with 'questions' and 'question_type'")
         type_names = {v: k for k, v in data.get("question_type", {}).items()} if isinstance(data.get("question_type"), dict) else {}
         images = image_dir(root, ("SEED-Bench-image",))
         answers: dict[str, dict[str, Any]] = {}

@@ -24,8 +24,10 @@ from unillava.evaluation.benchmarks.base import (
     get_id,
     get_str,
     image_dir,
+    keyed_records,
     mean,
     read_json,
+    read_json_object,
     read_jsonl,
     where,
     write_json,
@@ -140,16 +142,10 @@ class MMVet(Benchmark):
     def load(self, root: Path, split: str | None = None) -> LoadResult:
         problems = Problems()
         path = root / "mm-vet.json"
-        data = read_json(path)
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: expected an object mapping ids (v1_0, ...) to questions")
+        data = read_json_object(path, "mapping ids (v1_0, ...) to questions")
         images = image_dir(root, ("images",))
         items = []
-        for number, (qid, q) in enumerate(data.items(), start=1):
-            at = f"{path} record {number} (id {qid!r})"
-            if not isinstance(q, dict):
-                problems.add(at, "expected a JSON object")
-                continue
+        for at, qid, q in keyed_records(path, data, problems):
             question = get_str(q, "question", at, problems)
             answer = get_str(q, "answer", at, problems)
             image = get_str(q, "imagename", at, problems)

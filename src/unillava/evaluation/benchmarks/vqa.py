@@ -23,8 +23,10 @@ from unillava.evaluation.benchmarks.base import (
     group_means,
     image_dir,
     json_records,
+    keyed_records,
     mean,
     read_json,
+    read_json_object,
     split_mismatch,
     texts,
     where,
@@ -173,16 +175,10 @@ class GQA(Benchmark):
         if q_path is None:
             raise DataError(f"{root}: no {split}_balanced_questions.json (GQA's question file holds the answers; "
                             "also looked in data/)")
-        raw = read_json(q_path)
-        if not isinstance(raw, dict):
-            raise DataError(f"{q_path}: expected a JSON object mapping question ids to questions")
+        raw = read_json_object(q_path, "mapping question ids to questions")
         answers: dict[str, Any] = {}
         built: list[Item] = []
-        for number, (qid, q) in enumerate(raw.items(), start=1):
-            at = f"{q_path} record {number} (id {qid!r})"
-            if not isinstance(q, dict):
-                problems.add(at, "expected a JSON object")
-                continue
+        for at, qid, q in keyed_records(q_path, raw, problems):
             answer = get_str(q, "answer", at, problems)
             question = get_str(q, "question", at, problems)
             image_id = get_id(q, ("imageId",), at, problems)
