@@ -55,3 +55,17 @@ def test_detail_and_frozen_experiments_run(bench: ModuleType, tmp_path: Path, ca
     assert recipe["vision_unfreeze_from_stage"] == 3 and recipe["vision_lr_layer_decay"] == 0.5
     assert recipe["model"]["vision"]["pretrained"] == str(tmp_path / "frozen" / "pretrained-tower")
     assert "| stages 3-5 train, LLRD 0.5 | 36 |" in capsys.readouterr().out
+
+
+def test_single_text_scenes(bench: ModuleType, tmp_path: Path, capsys) -> None:
+    """--scenes single-text: every scene fine with one character; another data set in the same --data is refused."""
+    import json
+
+    args = _args(tmp_path, "detail", "vit14-84")
+    bench.main([*args, "--scenes=single-text"])
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["arguments"]["fine_every"] == 1 and manifest["arguments"]["max_texts"] == 1
+    assert manifest["splits"]["train"]["tasks"]["fine_text"] >= 15  # about one question per scene
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="another shapes data set"):
+        bench.main(args)
