@@ -415,7 +415,13 @@ def run_arm(arm: Arm, data: Path, out: Path, args: argparse.Namespace, steps: in
     config = train_config(arm, data, out, args, steps)
     (out / arm.name).mkdir(parents=True, exist_ok=True)
     recipe = out / arm.name / "recipe.yaml"  # `unillava train recipe.yaml` reproduces the arm
-    recipe.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    recipe_text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    finished = out / arm.name / "row.json"
+    if finished.is_file() and recipe.is_file() and recipe.read_text() == recipe_text:
+        row = json.loads(finished.read_text())  # this arm already ran with this recipe: reuse its row
+        print(json.dumps(row), flush=True)
+        return row
+    recipe.write_text(recipe_text)
     trainer = Trainer(config)
     trainable = sum(p.numel() for p in trainer.model.vision_tower.parameters() if p.requires_grad)
     started = time.perf_counter()
@@ -451,6 +457,7 @@ def run_arm(arm: Arm, data: Path, out: Path, args: argparse.Namespace, steps: in
         results = summary["tasks"][task]
         row[task] = 100 * results["metrics"]["accuracy"]
         row[f"{task}_n"] = results["counts"]["annotations"]
+    finished.write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
     return row
 

@@ -66,6 +66,12 @@ def test_single_text_scenes(bench: ModuleType, tmp_path: Path, capsys) -> None:
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["arguments"]["fine_every"] == 1 and manifest["arguments"]["max_texts"] == 1
     assert manifest["splits"]["train"]["tasks"]["fine_text"] >= 15  # about one question per scene
+    row = tmp_path / "detail" / "vit14-84" / "row.json"
+    trained_at = row.stat().st_mtime_ns
     capsys.readouterr()
+    bench.main([*args, "--scenes=single-text"])  # a finished arm with the same recipe is not trained again
+    assert row.stat().st_mtime_ns == trained_at and "| ViT/14 @ 84 px (336/4) | 36 |" in capsys.readouterr().out
+    bench.main([*args, "--scenes=single-text", "--steps=2"])  # a changed recipe trains again
+    assert json.loads(row.read_text())["steps"] == 2
     with pytest.raises(SystemExit, match="another shapes data set"):
         bench.main(args)
