@@ -42,6 +42,7 @@ config (written by `save_pretrained`, so a saved OMG model reloads offline).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ def _linear_resize_weights(size_in: int, size_out: int) -> torch.Tensor:
     return F.interpolate(unit_signals, size=size_out, mode="linear", align_corners=False)[:, 0, :].T
 
 
+@functools.lru_cache(maxsize=32)
 def _prior_axis(coarse: int, image: int, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For one axis: logits -> the image pixels the grid reads (U), and those pixels -> grid (D)."""
+    """For one axis: logits -> the image pixels the grid reads (U), and those pixels -> grid (D); built
+    once per geometry (CPU, read-only) instead of on every forward."""
     down = _linear_resize_weights(image, grid)
     read = down.abs().sum(0).nonzero().flatten()
     return _linear_resize_weights(coarse, image)[read], down[:, read]
@@ -91,8 +94,8 @@ def perception_prior(
     the full-resolution (Q, H, W) map is never built.
     """
     logits = output.mask_logits[-1].float()
-    up_h, down_h = _prior_axis(logits.shape[-2], image_size[0], grid[0])
-    up_w, down_w = _prior_axis(logits.shape[-1], image_size[1], grid[1])
+    up_h, down_h = (m.to(logits.device) for m in _prior_axis(logits.shape[-2], image_size[0], grid[0]))
+    up_w, down_w = (m.to(logits.device) for m in _prior_axis(logits.shape[-1], image_size[1], grid[1]))
     probs = torch.einsum("ih,bqhw,jw->bqij", up_h, logits, up_w).sigmoid()
     probs = torch.einsum("gi,bqij,kj->bqgk", down_h, probs, down_w)
     score = output.scores().float()
