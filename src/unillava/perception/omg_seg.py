@@ -100,14 +100,16 @@ PROMPT_ATTENTION = {"box": "within_region", "mask": "region_only", "point": "unr
 PROMPT_BOX_HALF_SIDE = 3  # px of the input, around the point (a box's centre, a mask's deepest point)
 
 
-def box_sine_encoding(boxes: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(K, 4) boxes (cx, cy, w, h) in [0, 1] -> (K, 4 * num_feats): per coordinate alternating sin / cos
-    at DETR's frequencies, concatenated in the order y, x, w, h (mmdet's `coordinate_to_encoding`)."""
-    steps = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+def sine_encoding(coords: torch.Tensor, columns: tuple[int, ...], num_feats: int,
+                  temperature: float = 10000.0) -> torch.Tensor:
+    """(K, C) coordinates in [0, 1] -> (K, len(columns) * num_feats): per listed column alternating
+    sin / cos at DETR's frequencies, concatenated in the listed order (mmdet's `coordinate_to_encoding`
+    lists y, x, w, h)."""
+    steps = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
     frequencies = temperature ** (2 * (steps // 2) / num_feats)
     parts = []
-    for column in (1, 0, 2, 3):
-        angles = boxes[:, column, None].float() * 2 * math.pi / frequencies
+    for column in columns:
+        angles = coords[:, column, None].float() * 2 * math.pi / frequencies
         parts.append(torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1).flatten(1))
     return torch.cat(parts, dim=-1)
 
@@ -127,7 +129,8 @@ class PromptQueryEmbedding(nn.Module):
         # The released code passes the box through inverse_sigmoid and back: a clamp to [1e-5, 1 - 1e-5].
         boxes = torch.cat([anchors, size.expand_as(anchors)], dim=-1).clamp(0, 1)
         low, high = boxes.clamp(min=1e-5), (1 - boxes).clamp(min=1e-5)
-        position = self.pos_linear(box_sine_encoding(low / (low + high), self.pos_linear.in_features // 4))
+        boxes = low / (low + high)  # (cx, cy, w, h)
+        position = self.pos_linear(sine_encoding(boxes, (1, 0, 2, 3), self.pos_linear.in_features // 4))
         content = (self.pb_embedding.weight[0] + self.mask_tokens.weight[0]).expand(len(anchors), -1)
         return content, position
 

@@ -24,7 +24,7 @@ from unillava.data.shapes import decode_mask
 from unillava.errors import DataError
 from unillava.perception.geometry import PadGeometry
 from unillava.perception.model import PerceptionMemory, PerceptionModel
-from unillava.perception.omg_seg import PROMPT_ATTENTION
+from unillava.perception.omg_seg import PROMPT_ATTENTION, sine_encoding
 
 POINT_HALF_SIDE = 3 / 1024  # of the input side
 
@@ -154,14 +154,7 @@ def mask_targets(rles: Sequence[Mapping[str, Any]], width: int, height: int, siz
 
 def sine_position(anchors: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """(K, 2) anchors (x, y) in [0, 1] -> (K, dim) sine/cosine features, y half then x half (DETR order)."""
-    half = dim // 2
-    steps = torch.arange(half, dtype=torch.float32, device=anchors.device)
-    scales = temperature ** (2 * (steps // 2) / half)
-    out = []
-    for coord in (anchors[:, 1], anchors[:, 0]):
-        angles = coord[:, None].float() * 2 * math.pi / scales
-        out.append(torch.stack([angles[:, 0::2].sin(), angles[:, 1::2].cos()], dim=-1).flatten(1))
-    return torch.cat(out, dim=-1)
+    return sine_encoding(anchors, (1, 0), dim // 2, temperature)
 
 
 def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: list[PromptRegion]) -> torch.Tensor:

@@ -136,7 +136,7 @@ def read_json_object(path: Path, expected: str) -> dict[str, Any]:
 
 
 def keyed_records(path: Path, data: Mapping[str, Any], problems: Problems) -> list[tuple[str, str, dict]]:
-    """(location, id, record) per entry of a JSON object mapping ids to records (MM-Vet, GQA, ScienceQA);
+    """(location, id, record) per entry of a JSON object mapping ids to records (MM-Vet, GQA);
     entries that are not objects are recorded as problems."""
     out = []
     for number, (key, record) in enumerate(data.items(), start=1):
