@@ -91,8 +91,9 @@ OPTS = ["red", "blue", "green"]
         ("A and B", None),
         ("b", None),
         ("D", None),
-        ("I think the colour of the shape is blue", None),
-        ("Cannot determine the answer", None),
+        ("I think the colour of the shape is blue", "B"),  # VLMEvalKit c6bdffd3: no answer-length limit
+        ("Cannot determine the answer", "Z"),  # a refusal reads as "Z", never a right letter
+        ("Z", "Z"),
         ("", None),
         ("A cat", "A"),
     ],
@@ -268,7 +269,12 @@ def test_attribute_accuracy() -> None:
         {"color": "red", "shape": "circle"},
     ]
     out = M.attribute_accuracy(captions, attrs)
-    assert out["per_attribute"] == {"color": pytest.approx(1 / 3), "shape": pytest.approx(2 / 3), "size": 1.0, "text": 1.0}
+    assert out["per_attribute"] == {
+        "color": pytest.approx(1 / 3),
+        "shape": pytest.approx(2 / 3),
+        "size": 1.0,
+        "text": 1.0,
+    }
     assert out["n"] == {"color": 3, "shape": 3, "size": 2, "text": 1}
     assert out["mean"] == pytest.approx((1 / 3 + 2 / 3 + 1 + 1) / 4)
     assert M.attribute_accuracy([], [])["mean"] is None

@@ -1,8 +1,10 @@
 """Pure metric functions that reproduce the official scorers of the benchmarks unillava reports.
 
-Each function names the public scorer it follows. Where that scorer has no rule for a case our
-procedural data produces (fewer than ten VQA answers, a missing prediction, no embedding model for
-GCG phrase similarity), the rule chosen here is stated in the function's docstring.
+Each function names the public scorer it follows, with the repository, file and commit it was
+checked against (tests/test_official_scorers.py compares them with transcriptions of that code).
+Where that scorer has no rule for a case our procedural data produces (fewer than ten VQA answers, a
+missing prediction, no embedding model for GCG phrase similarity), the rule chosen here is stated in
+the function's docstring.
 
 Masks are numpy arrays (2-D, any dtype, nonzero = foreground) or COCO RLE dicts
 ``{"size": [h, w], "counts": str | bytes | list[int]}``.
@@ -33,9 +35,10 @@ MaskLike = np.ndarray | Mapping[str, Any]
 METEOR_NEEDS_JAVA = "METEOR needs Java (apt-get install default-jre-headless)"
 
 # --------------------------------------------------------------------------------------------------
-# VQAv2 answer normalisation (GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py)
+# VQA: GT-Vision-Lab/VQA vqaEval.py (master) and LLaVA's m4c_evaluator.py (EvalAI processing, TextVQA)
 # --------------------------------------------------------------------------------------------------
 
+# fmt: off
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -74,66 +77,121 @@ _NUMBER_WORDS = {
 }
 _ARTICLES = frozenset({"a", "an", "the"})
 _PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
-# The official pattern is "(?!<=\d)(\.)(?!\d)": its first group is a lookahead typo that never fires
-# in front of a period, so the effective rule is "a period not followed by a digit".
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
-# The official call passes re.UNICODE (= 32) positionally as `count`, so at most 32 periods go.
-_OFFICIAL_PERIOD_COUNT = 32
+# fmt: on
+# vqaEval.py is Python 2 code (`print "..."`): its patterns are compiled without re.UNICODE, so there
+# `\d` means [0-9] only. The period pattern is transcribed as written: "(?!<=\d)" is a lookahead typo
+# for a lookbehind and never fires in front of a period, so the rule is "a period not before a digit".
+_VQAEVAL_COMMA = re.compile(r"(\d)(\,)(\d)", re.ASCII)
+_VQAEVAL_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+# LLaVA's m4c_evaluator.EvalAIAnswerProcessor runs under Python 3: `\d` is any Unicode digit there.
+_EVALAI_COMMA = re.compile(r"(?<=\d)(\,)+(?=\d)")
+_EVALAI_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# Both official calls pass re.UNICODE (= 32) positionally, i.e. as `count`: at most 32 periods go.
+_OFFICIAL_PERIOD_COUNT = int(re.UNICODE)
 
 
-def _vqa_punctuation(text: str) -> str:
-    """Official processPunctuation: the decision to delete or space a mark looks at the input text."""
+def _punctuation(text: str, comma: re.Pattern[str], period: re.Pattern[str]) -> str:
+    """processPunctuation of both official tools: the delete-or-space decision looks at the input text."""
     out = text
-    digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    digit_comma = comma.search(text) is not None
     for p in _PUNCT:
         if (p + " " in text or " " + p in text) or digit_comma:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
+    return period.sub("", out, count=_OFFICIAL_PERIOD_COUNT)
 
 
-def _vqa_digits_articles(text: str) -> str:
-    """Official processDigitArticle: lower-case, number words to digits, drop articles, contractions."""
+def _digits_articles(text: str) -> str:
+    """processDigitArticle: lower-case, number words to digits, drop articles, restore contractions."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def normalize_vqa_answer(answer: str) -> str:
-    """Normalise an answer exactly as the VQAv2 evaluator does, so our accuracy matches theirs.
+def _vqaeval_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
-    Newlines and tabs become spaces and the ends are stripped, then the official punctuation rule
-    (marks next to a space, or anywhere in a text holding a comma between digits, are deleted; other
-    marks become spaces; periods not followed by a digit are deleted), then lower-casing, number
-    words to digits ("two" -> "2", "none" -> "0"), articles removed and contractions restored
-    ("dont" -> "don't"). Whitespace includes Unicode spaces (str.split).
+
+def normalize_vqa_answer(answer: str) -> str:
+    """An answer as GT-Vision-Lab/VQA's vqaEval.py normalises it (master, commit a013f00, 2021-03-11).
+
+    Newlines and tabs become spaces and the ends are stripped, then processPunctuation (marks next to
+    a space, or anywhere in a text holding an ASCII digit-comma-digit, are deleted; other marks become
+    spaces; at most 32 periods not followed by an ASCII digit are deleted), then processDigitArticle
+    (lower-case, number words to digits, "none" -> "0", articles dropped, "dont" -> "don't").
     """
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _vqa_digits_articles(_vqa_punctuation(text))
+    return _digits_articles(_punctuation(_vqaeval_whitespace(answer), _VQAEVAL_COMMA, _VQAEVAL_PERIOD))
+
+
+def evalai_answer(text: str) -> str:
+    """A model answer as LLaVA's EvalAIAnswerProcessor cleans it (haotian-liu/LLaVA llava/eval/m4c_evaluator.py,
+    commit ce1aa08), the step LLaVA applies before uploading VQAv2/VizWiz answers and in TextVQA scoring.
+
+    Lower-case; commas and "?" deleted; "'s" becomes " 's"; ends stripped; newlines and tabs to spaces;
+    then the VQA punctuation rule (with no comma left, marks are deleted only next to a space; a period
+    not before a Unicode digit is deleted, at most 32) and processDigitArticle.
+    """
+    word = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    word = word.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(word, _EVALAI_COMMA, _EVALAI_PERIOD))
+
+
+def _leave_one_out(target: str, answers: Sequence[str]) -> float:
+    """Mean over the human answers of min(1, #other answers equal to target / 3): one left out at a time."""
+    matches = sum(a == target for a in answers)
+    return sum(min(1.0, float(matches - int(a == target)) / 3) for a in answers) / len(answers)
+
+
+def vqaeval_accuracy(answer: str, gt_answers: Sequence[str]) -> float:
+    """Accuracy of one submitted answer by the current vqaEval.py (GT-Vision-Lab/VQA master, a013f00).
+
+    Both sides get newlines/tabs -> spaces and stripping. Only when the (so cleaned) human answers are
+    not all identical are both normalised with normalize_vqa_answer; when all agree the submitted answer
+    must equal them as it stands ("Two" scores 0 against ten "2"). Then the leave-one-out mean of
+    min(1, matches / 3). The 2016 version normalised the answer always; this is the 2021 fix.
+    """
+    if not gt_answers:
+        raise ValueError("vqaeval_accuracy needs at least one human answer")
+    gts = [_vqaeval_whitespace(a) for a in gt_answers]
+    res = _vqaeval_whitespace(answer)
+    if len(set(gts)) > 1:
+        gts = [normalize_vqa_answer(a) for a in gts]
+        res = normalize_vqa_answer(res)
+    return _leave_one_out(res, gts)
+
+
+def llava_vqav2_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """VQAv2 (and VizWiz) accuracy as LLaVA-1.5's numbers were made: the model text goes through
+    evalai_answer (scripts/convert_vqav2_for_submission.py), the server scores it with vqaeval_accuracy."""
+    return vqaeval_accuracy(evalai_answer(pred), answers)
+
+
+def textvqa_accuracy(pred: str, answers: Sequence[str]) -> float:
+    """LLaVA's TextVQA accuracy (m4c_evaluator.TextVQAAccuracyEvaluator, LLaVA commit ce1aa08).
+
+    Prediction and every human answer go through evalai_answer (so "," and "'s" count, unlike VQAv2's
+    evaluator), then the leave-one-out mean of min(1, matches / 3). The reference asserts exactly ten
+    answers; with another number the same mean is taken over the answers given.
+    """
+    if not answers:
+        raise ValueError("textvqa_accuracy needs at least one human answer")
+    return _leave_one_out(evalai_answer(pred), [evalai_answer(a) for a in answers])
 
 
 def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction, so that ten-answer data scores exactly as VQAv2 does.
+    """VQA accuracy for the procedural tasks, equal to VQAv2's where the data has ten answers.
 
-    With ten or more human answers: the official mean over the leave-one-out subsets of
-    min(#matches among the other answers / 3, 1) (1, 2, 3 matches of 10 give 0.3, 0.6, 0.9).
-    With fewer than ten (our procedural data gives one or a few acceptable answers): 1.0 if the
-    normalised prediction equals any normalised answer, else 0.0 — the 3-vote rule needs ten voters.
-    Both sides go through normalize_vqa_answer (the official code only cleans punctuation of
-    ground truths that disagree, because VQAv2 ground truths ship normalised; ours do not).
+    Ten or more human answers: llava_vqav2_accuracy (LLaVA's pipeline on VQAv2). Fewer (our procedural
+    data gives one or a few acceptable answers, and the 3-vote rule needs ten voters): a rule of ours,
+    1.0 if normalize_vqa_answer(pred) equals normalize_vqa_answer of any answer, else 0.0.
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
+    if len(answers) >= 10:
+        return llava_vqav2_accuracy(pred, answers)
     target = normalize_vqa_answer(pred)
-    normalised = [normalize_vqa_answer(a) for a in answers]
-    hits = [a == target for a in normalised]
-    if len(answers) < 10:
-        return 1.0 if any(hits) else 0.0
-    matches = sum(hits)
-    total = sum(min(1.0, (matches - int(hit)) / 3.0) for hit in hits)
-    return total / len(answers)
+    return 1.0 if any(normalize_vqa_answer(a) == target for a in answers) else 0.0
 
 
 def answer_in_sentence(sentence: str, answers: Sequence[str]) -> float:
@@ -156,16 +214,21 @@ def exact_match(pred: str, answers: str | Sequence[str]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Multiple choice: MMBench / VLMEvalKit can_infer (vlmeval/utils/matching_util.py)
+# Multiple choice: VLMEvalKit can_infer (open-compass/VLMEvalKit vlmeval/utils/matching_util.py)
 # --------------------------------------------------------------------------------------------------
 
+# The version of VLMEvalKit commit c6bdffd3 (2024-03-19); its logic is that of 98e3733 (2024-02-04)
+# and stayed unchanged until c3371551 (2025-08-04), so it is the rule ConvLLaVA and OMG-LLaVA were
+# scored with. Later versions add a "letter among the last 5 tokens" and a text-length condition.
 _MC_SEPARATORS = ".()[],:;!*#{}"
+_MC_API_FAILURE = "Failed to obtain answer via API"
 _MC_REFUSALS = (
     "Sorry, I can't help with images of people yet.",
     "I can't process this file.",
     "I'm sorry, but without the image provided",
     "Cannot determine the answer",
 )
+NONE_OF_THE_OPTIONS = "Z"
 
 
 def option_letters(n: int) -> list[str]:
@@ -175,34 +238,50 @@ def option_letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]
 
 
-def extract_option_letter(text: str, options: Sequence[str]) -> str | None:
-    """The option letter a free-text answer picks, following MMBench's can_infer, or None.
+def can_infer_option(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's can_infer_option: a letter (or "Z") read from the answer's tokens, None for False.
 
-    1. A refusal phrase from MMBench's list gives None (MMBench scores it as the wrong answer "Z").
-    2. can_infer_option: the marks ``.()[],:;!*#{}`` become spaces and the text is split on
-       whitespace; if exactly one option letter (upper case) is a whole token, that letter wins
-       ("B", "B.", "(B)", "The answer is B"). As in MMBench, a leading article "A" counts as a letter.
-    3. Otherwise can_infer_text: if the text is at most twice as long as all option texts together
-       and exactly one option text occurs in it (case-insensitive substring), that option wins.
-    4. Otherwise (no letter, several letters, several or no option texts) the answer is ambiguous:
-       None, which scores as wrong (MMBench would ask a judge LLM; we have none offline).
+    The API-failure text gives None; a refusal phrase gives "Z" (scored wrong). The marks
+    ``.()[],:;!*#{}`` become spaces and the text is split on whitespace; exactly one choice letter among
+    the tokens wins (so a leading article "A" counts as a letter); with none, a lone "Z" token gives "Z".
     """
-    letters = option_letters(len(options))
-    for refusal in _MC_REFUSALS:
-        if refusal in text:
-            return None
-    spaced = text
+    if _MC_API_FAILURE in answer:
+        return None
+    if any(refusal in answer for refusal in _MC_REFUSALS):
+        return NONE_OF_THE_OPTIONS
+    spaced = answer
     for ch in _MC_SEPARATORS:
         spaced = spaced.replace(ch, " ")
-    tokens = set(spaced.split())
-    found = [letter for letter in letters if letter in tokens]
+    tokens = [t.strip() for t in spaced.split()]
+    found = [letter for letter in choices if letter in tokens]
     if len(found) == 1:
         return found[0]
-    lowered = text.lower()
-    if len(lowered) > 2 * sum(len(o) for o in options):
-        return None
-    matched = [letter for letter, opt in zip(letters, options, strict=True) if opt.lower() in lowered]
-    return matched[0] if len(matched) == 1 else None
+    if not found and sum(c in tokens for c in ("Z", "")) == 1:
+        return NONE_OF_THE_OPTIONS
+    return None
+
+
+def can_infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's can_infer_text: the one choice whose lower-cased text is a substring of the lower-cased
+    answer (any length of answer; an empty option text is in every answer), else None."""
+    lowered = answer.lower()
+    found = [letter for letter, text in choices.items() if str(text).lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def can_infer(answer: str, choices: Mapping[str, str]) -> str | None:
+    """VLMEvalKit's can_infer (c6bdffd3): can_infer_option, else can_infer_text; None where both fail."""
+    return can_infer_option(answer, choices) or can_infer_text(answer, choices)
+
+
+def extract_option_letter(text: str, options: Sequence[str]) -> str | None:
+    """The letter VLMEvalKit reads from a free-text answer to options A, B, ... (can_infer), or None.
+
+    "Z" means a refusal or "none of the options"; like None it never equals a gold letter. VLMEvalKit
+    asks a judge LLM when can_infer fails; under its `exact_matching` policy (no judge, as here) the
+    question is wrong.
+    """
+    return can_infer(text, dict(zip(option_letters(len(options)), options, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +334,11 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
         "recall": recall,
         "f1": f1,
         "yes_ratio": (tp + fp) / n if n else 0.0,
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "n": n,
     }
 
 
@@ -406,11 +489,21 @@ def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
         src = os.path.join(tmp, "captions.txt")
         with open(src, "w", encoding="utf-8") as fh:
             fh.write(lines)
-        cmd = ["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", src]
+        cmd = [
+            "java",
+            "-cp",
+            jar,
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            src,
+        ]
         proc = subprocess.run(cmd, capture_output=True, timeout=600, check=False)
     if proc.returncode != 0:
         detail = proc.stderr.decode("utf-8", errors="replace").strip()[-500:]
-        raise subprocess.SubprocessError(f"java exited with status {proc.returncode}" + (f": {detail}" if detail else ""))
+        raise subprocess.SubprocessError(
+            f"java exited with status {proc.returncode}" + (f": {detail}" if detail else "")
+        )
     out = proc.stdout.decode("utf-8", errors="replace").split("\n")
     drop = set(ptb.PUNCTUATIONS)
     return [
@@ -572,7 +665,11 @@ def attribute_accuracy(
             hit = caption is not None and attribute_in_caption(str(value), caption)
             correct[key] = correct.get(key, 0) + int(hit)
     per = {k: correct[k] / total[k] for k in total}
-    return {"per_attribute": per, "n": dict(total), "mean": float(np.mean(list(per.values()))) if per else None}
+    return {
+        "per_attribute": per,
+        "n": dict(total),
+        "mean": float(np.mean(list(per.values()))) if per else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -710,7 +807,9 @@ def gcg_recall(
     return matched / positives if positives else 0.0
 
 
-def gcg_ap50(pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequence[MaskLike]]) -> float | None:
+def gcg_ap50(
+    pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequence[MaskLike]]
+) -> float | None:
     """Mask AP at IoU 0.5 by pycocotools COCOeval ("segm"), one class, every prediction scored 1.0.
 
     This is GLaMM's AP50 (stats[1] of COCOeval.summarize, maxDets 100). Images are the list indices;
@@ -730,10 +829,17 @@ def gcg_ap50(pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequen
         size = rles[0]["size"] if rles else None
         images.append({"id": image_id, "height": size[0] if size else 0, "width": size[1] if size else 0})
         for rle in rles:
-            gt_anns.append({
-                "id": len(gt_anns) + 1, "image_id": image_id, "category_id": 1, "segmentation": rle,
-                "area": float(mask_utils.area(rle)), "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0,
-            })
+            gt_anns.append(
+                {
+                    "id": len(gt_anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": list(mask_utils.toBbox(rle)),
+                    "iscrowd": 0,
+                }
+            )
         for m in preds:
             dt_anns.append({"image_id": image_id, "category_id": 1, "segmentation": to_rle(m), "score": 1.0})
     if not gt_anns:
@@ -742,7 +848,11 @@ def gcg_ap50(pred_masks: Sequence[Sequence[MaskLike]], gt_masks: Sequence[Sequen
         return 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": gt_anns, "categories": [{"id": 1, "name": "object"}]}
+        coco_gt.dataset = {
+            "images": images,
+            "annotations": gt_anns,
+            "categories": [{"id": 1, "name": "object"}],
+        }
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dt_anns)
         evaluator = COCOeval(coco_gt, coco_dt, "segm")

@@ -13,7 +13,10 @@ Layout of the output directory:
 
 Decoding is greedy. A model that can segment exposes
 `generate_with_masks(conversations, images, *, batch_size, max_new_tokens, progress) -> list[(text, masks)]`
-(masks as COCO RLE dicts); any other model is run for its text and its mask metrics are flagged.
+(masks as COCO RLE dicts); any other model is run for its text and its mask metrics are flagged. A model
+whose `supports_visual_prompts` is true takes the marked region of region benchmarks through the same hook's
+`visual_prompts=` (one list of box / point / mask dicts in image pixels per conversation); any other model
+is asked the prompt text alone and the result is flagged.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from unillava.evaluation.benchmarks import BENCHMARKS, PAPER_TABLES, SUITES, Jud
 from unillava.evaluation.benchmarks.base import Benchmark, EmbeddedImage, Item, Prediction, open_image
 
 FLAG_NO_MASKS = "model does not segment: it produced no masks, so mask metrics are 0"
-FLAG_NO_VISUAL_PROMPT = "model takes no visual prompts: the marked region was not given to it (prompt text only)"
+FLAG_NO_VISUAL_PROMPT = (
+    "model takes no visual prompts: the marked region was not given to it (prompt text only)"
+)
 FLAG_AWAITING_JUDGE = "awaiting judge: rerun with --judge-endpoint URL --judge-model NAME (requests are in judge_requests.jsonl)"
 MAX_LISTED = 50
 
@@ -84,16 +89,42 @@ def read_predictions(path: Path) -> tuple[dict[str, Prediction], int]:
     return preds, dropped
 
 
+def takes_visual_prompts(model: Any) -> bool:
+    """Whether the model fills `<region>`/`<mark>` markers with visual prompts (OMG-LLaVA), given to its
+    `generate_with_masks(..., visual_prompts=...)`."""
+    return bool(getattr(model, "supports_visual_prompts", False)) and hasattr(model, "generate_with_masks")
+
+
 def _generate(
-    model: Any, items: Sequence[Item], images: Sequence[list[Any]], *, masks: bool, max_new_tokens: int, bar: Any
+    model: Any,
+    items: Sequence[Item],
+    images: Sequence[list[Any]],
+    *,
+    masks: bool,
+    max_new_tokens: int,
+    bar: Any,
+    regions: bool = False,
 ) -> list[tuple[str, list[dict[str, Any]] | None]]:
+    """Answers for a chunk; `regions`: pass each item's `meta["visual_prompt"]` as its one visual prompt."""
     conversations = [[user_message(item.prompt, len(ims))] for item, ims in zip(items, images, strict=True)]
-    if masks:
-        out = model.generate_with_masks(conversations, list(images), batch_size=len(items),
-                                        max_new_tokens=max_new_tokens, progress=bar)
-        return [(text, list(m)) for text, m in out]
-    texts = model.generate_conversations(conversations, list(images), batch_size=len(items),
-                                         max_new_tokens=max_new_tokens, progress=bar)
+    if masks or regions:
+        extra: dict[str, Any] = {}
+        if regions:
+            extra["visual_prompts"] = [
+                [item.meta["visual_prompt"]] if item.meta.get("visual_prompt") else None for item in items
+            ]
+        out = model.generate_with_masks(
+            conversations,
+            list(images),
+            batch_size=len(items),
+            max_new_tokens=max_new_tokens,
+            progress=bar,
+            **extra,
+        )
+        return [(text, list(m) if masks else None) for text, m in out]
+    texts = model.generate_conversations(
+        conversations, list(images), batch_size=len(items), max_new_tokens=max_new_tokens, progress=bar
+    )
     return [(text, None) for text in texts]
 
 
@@ -107,11 +138,16 @@ def predict(
     """Answer the items not yet in `path` (appending as each batch finishes); returns all predictions and
     bookkeeping: missing images, unreadable images or failed prompts (not written, retried on the next run)."""
     preds, dropped = read_predictions(path)
-    missing = [(item.id, str(ref)) for item in items for ref in item.images
-               if not isinstance(ref, EmbeddedImage) and not ref.is_file()]
+    missing = [
+        (item.id, str(ref))
+        for item in items
+        for ref in item.images
+        if not isinstance(ref, EmbeddedImage) and not ref.is_file()
+    ]
     missing_ids = {item_id for item_id, _ in missing}
     todo = [item for item in items if item.id not in preds and item.id not in missing_ids]
     masks = bench.segmentation and bool(getattr(model, "supports_segmentation", False))
+    regions = bench.visual_prompt and takes_visual_prompts(model)
     max_new = opts.max_new_tokens or bench.max_new_tokens
     failed: list[str] = []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,12 +164,38 @@ def predict(
                     bar.update(1)
             outputs: list[tuple[Item, tuple[str, Any]]] = []
             try:
-                outputs = list(zip(chunk, _generate(model, chunk, images, masks=masks, max_new_tokens=max_new, bar=bar),
-                                   strict=True))
+                outputs = list(
+                    zip(
+                        chunk,
+                        _generate(
+                            model,
+                            chunk,
+                            images,
+                            masks=masks,
+                            max_new_tokens=max_new,
+                            bar=bar,
+                            regions=regions,
+                        ),
+                        strict=True,
+                    )
+                )
             except UnillavaError:
                 for item, ims in zip(chunk, images, strict=True):
                     try:
-                        outputs.append((item, _generate(model, [item], [ims], masks=masks, max_new_tokens=max_new, bar=bar)[0]))
+                        outputs.append(
+                            (
+                                item,
+                                _generate(
+                                    model,
+                                    [item],
+                                    [ims],
+                                    masks=masks,
+                                    max_new_tokens=max_new,
+                                    bar=bar,
+                                    regions=regions,
+                                )[0],
+                            )
+                        )
                     except UnillavaError as err:
                         failed.append(f"{item.id}: {err}")
                         bar.update(1)
@@ -151,13 +213,17 @@ def predict(
         "generated_now": len(todo) - len(failed),
         "partial_lines_redone": dropped,
         "masks": masks,
+        "visual_prompts": regions,
     }
     return preds, info
 
 
 def _jsonable_rle(mask: Mapping[str, Any]) -> dict[str, Any]:
     counts = mask.get("counts")
-    return {"size": list(mask["size"]), "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    return {
+        "size": list(mask["size"]),
+        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,11 +232,17 @@ def _jsonable_rle(mask: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _body_key(body: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[
+        :16
+    ]
 
 
 def run_judge(
-    bench: Benchmark, requests: Sequence[dict[str, Any]], replies_path: Path, client: JudgeClient, retries: int
+    bench: Benchmark,
+    requests: Sequence[dict[str, Any]],
+    replies_path: Path,
+    client: JudgeClient,
+    retries: int,
 ) -> dict[str, str]:
     """Send each request not yet answered (same body) to the judge; replies are appended as they come.
     A reply the benchmark cannot parse is asked again up to `retries` times."""
@@ -197,8 +269,13 @@ def run_judge(
                     break
                 content = client.complete(request["body"])
             replies[request["custom_id"]] = content
-            sink.write(json.dumps({"custom_id": request["custom_id"], "body_key": key, "content": content},
-                                  ensure_ascii=False) + "\n")
+            sink.write(
+                json.dumps(
+                    {"custom_id": request["custom_id"], "body_key": key, "content": content},
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             sink.flush()
     return replies
 
@@ -217,20 +294,25 @@ def _invalid_error(name: str, problems: Sequence[str]) -> DataError:
     )
 
 
-def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts: RunOptions) -> dict[str, Any]:
+def run_benchmark(
+    model: Any, bench: Benchmark, root: Path, out_dir: Path, opts: RunOptions
+) -> dict[str, Any]:
     """Load, predict, score (or judge, or write the server submission) one benchmark; writes its results.json."""
     loaded = bench.load(root, opts.split)
     if loaded.problems and not opts.skip_invalid:
         raise _invalid_error(bench.name, loaded.problems)
     items = loaded.items[: opts.limit] if opts.limit else loaded.items
     if not items:
-        raise DataError(f"{bench.name}: no usable questions in {root}" + (f" ({len(loaded.problems)} invalid)" if loaded.problems else ""))
+        raise DataError(
+            f"{bench.name}: no usable questions in {root}"
+            + (f" ({len(loaded.problems)} invalid)" if loaded.problems else "")
+        )
     bench_dir = out_dir / bench.name
     preds, info = predict(model, bench, items, bench_dir / f"predictions_{loaded.split}.jsonl", opts)
     flags: list[str] = []
     if bench.segmentation and not info["masks"]:
         flags.append(FLAG_NO_MASKS)
-    if bench.visual_prompt:
+    if bench.visual_prompt and not info["visual_prompts"]:
         flags.append(FLAG_NO_VISUAL_PROMPT)
     scorable = [item for item in items if item.answer is not None]
     result: dict[str, Any] = {"metrics": {}, "breakdown": {}, "warnings": []}
@@ -239,17 +321,30 @@ def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts:
     if bench.judged and scorable:
         model_name = opts.judge_model or getattr(bench, "judge_default", "gpt-4")
         requests = bench.judge_requests(scorable, preds, model_name)
-        _write_jsonl(bench_dir / "judge_requests.jsonl", [
-            {"custom_id": r["custom_id"], "method": "POST", "url": "/v1/chat/completions", "body": r["body"]}
-            for r in requests
-        ])
+        _write_jsonl(
+            bench_dir / "judge_requests.jsonl",
+            [
+                {
+                    "custom_id": r["custom_id"],
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": r["body"],
+                }
+                for r in requests
+            ],
+        )
         judge_info = {"requests": str(bench_dir / "judge_requests.jsonl"), "model": model_name}
         if opts.judge_endpoint:
             client = JudgeClient(opts.judge_endpoint, model_name, backend=opts.judge_backend)
-            replies = run_judge(bench, requests, bench_dir / "judge_replies.jsonl", client, opts.judge_retries)
+            replies = run_judge(
+                bench, requests, bench_dir / "judge_replies.jsonl", client, opts.judge_retries
+            )
             result = bench.score_judged(scorable, preds, replies)
-            judge_info.update(endpoint=opts.judge_endpoint, backend=client.backend,
-                              replies=str(bench_dir / "judge_replies.jsonl"))
+            judge_info.update(
+                endpoint=opts.judge_endpoint,
+                backend=client.backend,
+                replies=str(bench_dir / "judge_replies.jsonl"),
+            )
         else:
             status = "awaiting judge"
             flags.append(FLAG_AWAITING_JUDGE)
@@ -259,7 +354,9 @@ def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts:
         status = "submission only"
     submission = [str(p) for p in bench.write_submission(items, preds, bench_dir, loaded.split, root)]
     if status == "submission only":
-        flags.append(f"answers are not public for split {loaded.split!r}: submit {', '.join(submission) or 'the predictions'} to the server")
+        flags.append(
+            f"answers are not public for split {loaded.split!r}: submit {', '.join(submission) or 'the predictions'} to the server"
+        )
     missing_preds = sum(1 for item in items if item.id not in preds)
     results = {
         "benchmark": bench.name,
@@ -268,8 +365,10 @@ def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts:
         "data": str(root),
         "status": status,
         "metrics": result["metrics"],
-        "headline": {"label": bench.columns[0].label if bench.columns else bench.title,
-                     "value": bench.headline(result["metrics"]) if status == "scored" else None},
+        "headline": {
+            "label": bench.columns[0].label if bench.columns else bench.title,
+            "value": bench.headline(result["metrics"]) if status == "scored" else None,
+        },
         "metric_note": bench.metric_note,
         "breakdown": result.get("breakdown", {}),
         "counts": {
@@ -282,10 +381,18 @@ def run_benchmark(model: Any, bench: Benchmark, root: Path, out_dir: Path, opts:
             "invalid_records": len(loaded.problems),
         },
         "flags": flags,
-        "warnings": list(result.get("warnings", [])) + (
-            [f"{missing_preds} question(s) have no prediction and are scored as wrong"] if missing_preds else []),
-        "notes": loaded.notes + ([f"{info['partial_lines_redone']} partial prediction line(s) from an interrupted run were redone"]
-                                 if info["partial_lines_redone"] else []),
+        "warnings": list(result.get("warnings", []))
+        + (
+            [f"{missing_preds} question(s) have no prediction and are scored as wrong"]
+            if missing_preds
+            else []
+        ),
+        "notes": loaded.notes
+        + (
+            [f"{info['partial_lines_redone']} partial prediction line(s) from an interrupted run were redone"]
+            if info["partial_lines_redone"]
+            else []
+        ),
         "problems": {
             "invalid_records": loaded.problems[:MAX_LISTED],
             "missing_images": info["missing_images"][:MAX_LISTED],
@@ -349,7 +456,13 @@ def run_benchmarks(
                 raise
             echo(f"note: {bench.name} failed: {err}")
             skipped[bench.name] = f"failed: {err}"
-    summary = {"model": model_name, "data": str(data_dir), "suite": suite, "benchmarks": done, "skipped": skipped}
+    summary = {
+        "model": model_name,
+        "data": str(data_dir),
+        "suite": suite,
+        "benchmarks": done,
+        "skipped": skipped,
+    }
     _write_json(out_dir / "results.json", summary)
     write_report(out_dir, summary)
     return summary
@@ -372,23 +485,38 @@ def table_cell(column: Any, results: Mapping[str, Any]) -> str:
     if not values:
         return {"awaiting judge": "judge", "submission only": "server"}.get(ran[0]["status"], "–")
     cell = _fmt(sum(values) / len(values) * column.scale)
-    flagged = any(FLAG_NO_MASKS in r["flags"] and column.metric in ("ciou", "giou", "ap50", "miou", "recall") for r in ran)
+    flagged = any(
+        FLAG_NO_MASKS in r["flags"] and column.metric in ("ciou", "giou", "ap50", "miou", "recall")
+        for r in ran
+    )
     return cell + (" †" if flagged else "")
 
 
 def paper_tables(summary: Mapping[str, Any]) -> list[str]:
     """Markdown tables laid out like the papers': our row, then the papers' reference rows."""
     results = summary["benchmarks"]
-    suites = [summary["suite"]] if summary.get("suite") in PAPER_TABLES else [
-        s for s, t in PAPER_TABLES.items() if any(b in results for c in t.columns for b in c.benchmarks)]
+    suites = (
+        [summary["suite"]]
+        if summary.get("suite") in PAPER_TABLES
+        else [
+            s for s, t in PAPER_TABLES.items() if any(b in results for c in t.columns for b in c.benchmarks)
+        ]
+    )
     lines: list[str] = []
     for suite in suites:
         table = PAPER_TABLES[suite]
-        columns = table.columns if summary.get("suite") == suite else [
-            c for c in table.columns if any(b in results for b in c.benchmarks)]
+        columns = (
+            table.columns
+            if summary.get("suite") == suite
+            else [c for c in table.columns if any(b in results for b in c.benchmarks)]
+        )
         labels = [c.label for c in columns]
-        lines += [f"### {table.title}", "", "| Model | " + " | ".join(labels) + " |",
-                  "|---|" + "---|" * len(labels)]
+        lines += [
+            f"### {table.title}",
+            "",
+            "| Model | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
+        ]
         lines.append(f"| {summary['model']} | " + " | ".join(table_cell(c, results) for c in columns) + " |")
         for row, values in table.references.items():
             lines.append(f"| {row} | " + " | ".join(_fmt(values.get(label)) for label in labels) + " |")
@@ -396,7 +524,9 @@ def paper_tables(summary: Mapping[str, Any]) -> list[str]:
     if any(FLAG_NO_MASKS in r["flags"] for r in results.values()):
         lines.append(f"† {FLAG_NO_MASKS}.")
         lines.append("")
-    lines.append("`judge`: awaiting the GPT judge; `server`: scored by the benchmark's server (submission written); `–`: not run.")
+    lines.append(
+        "`judge`: awaiting the GPT judge; `server`: scored by the benchmark's server (submission written); `–`: not run."
+    )
     return lines
 
 
@@ -404,8 +534,13 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> Path:
     lines = ["# unillava benchmark report", "", f"Model: `{summary['model']}`  Data: `{summary['data']}`", ""]
     lines += paper_tables(summary)
     for name, res in summary["benchmarks"].items():
-        lines += ["", f"## {res['title']} (`{name}`, split `{res['split']}`)", "",
-                  f"Status: **{res['status']}**. Metric: {res['metric_note']}.", ""]
+        lines += [
+            "",
+            f"## {res['title']} (`{name}`, split `{res['split']}`)",
+            "",
+            f"Status: **{res['status']}**. Metric: {res['metric_note']}.",
+            "",
+        ]
         for name_m, value in res["metrics"].items():
             lines.append(f"- {name_m}: {_fmt(value, 4)}")
         counts = res["counts"]
@@ -428,13 +563,27 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> Path:
 
 def summary_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title="unillava eval (benchmarks)")
-    for col, justify in (("benchmark", "left"), ("split", "left"), ("metric", "left"), ("value", "right"),
-                         ("n", "right"), ("status", "left")):
+    for col, justify in (
+        ("benchmark", "left"),
+        ("split", "left"),
+        ("metric", "left"),
+        ("value", "right"),
+        ("n", "right"),
+        ("status", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for name, res in summary["benchmarks"].items():
-        status = res["status"] + ("; " + "; ".join(f.split(":")[0] for f in res["flags"]) if res["flags"] else "")
-        table.add_row(name, res["split"], res["headline"]["label"], _fmt(res["headline"]["value"], 2),
-                      str(res["counts"]["items"]), status)
+        status = res["status"] + (
+            "; " + "; ".join(f.split(":")[0] for f in res["flags"]) if res["flags"] else ""
+        )
+        table.add_row(
+            name,
+            res["split"],
+            res["headline"]["label"],
+            _fmt(res["headline"]["value"], 2),
+            str(res["counts"]["items"]),
+            status,
+        )
     for name in summary["skipped"]:
         table.add_row(name, "", "", "", "", "skipped")
     return table

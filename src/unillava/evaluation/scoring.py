@@ -161,14 +161,17 @@ def _check_annotation(task: str, src: _Source, line: int, obj: dict[str, Any]) -
     if task == "region_caption":
         attrs = obj.get("attributes", {})
         if not isinstance(attrs, dict) or not all(
-            v is None or (isinstance(v, str | int | float) and not isinstance(v, bool)) for v in attrs.values()
+            v is None or (isinstance(v, str | int | float) and not isinstance(v, bool))
+            for v in attrs.values()
         ):
             raise src.error(line, "field 'attributes' must map names to strings or numbers")
     if task == "gcg":
         phrases = _str_list(src, line, obj, "phrases")
         obj["masks"] = _masks(src, line, obj, "masks")
         if len(phrases) != len(obj["masks"]):
-            raise src.error(line, f"fields 'phrases' ({len(phrases)}) and 'masks' ({len(obj['masks'])}) differ in length")
+            raise src.error(
+                line, f"fields 'phrases' ({len(phrases)}) and 'masks' ({len(obj['masks'])}) differ in length"
+            )
         if len({tuple(m["size"]) for m in obj["masks"]}) > 1:
             raise src.error(line, "field 'masks' must all have the same size")
 
@@ -182,7 +185,9 @@ def _load_annotations(task: str, src: _Source, records: Iterable[tuple[int, Any]
         obj = dict(obj)
         ann_id = _id(src, line, obj)
         if ann_id in seen:
-            raise src.error(line, f"field 'id' {ann_id!r} repeats line {seen[ann_id]} (annotation ids must be unique)")
+            raise src.error(
+                line, f"field 'id' {ann_id!r} repeats line {seen[ann_id]} (annotation ids must be unique)"
+            )
         seen[ann_id] = line
         _check_annotation(task, src, line, obj)
         out.append(_Annotation(ann_id, line, obj))
@@ -296,7 +301,10 @@ def _vqa_accuracy(ann: _Annotation, pred: _Prediction | None) -> float:
 
 def _score_vqa(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) -> dict[str, Any]:
     acc = [_vqa_accuracy(a, p) for a, p in zip(anns, preds, strict=True)]
-    em = [0.0 if p is None else metrics.exact_match(p.text, a.data["answers"]) for a, p in zip(anns, preds, strict=True)]
+    em = [
+        0.0 if p is None else metrics.exact_match(p.text, a.data["answers"])
+        for a, p in zip(anns, preds, strict=True)
+    ]
     return {
         "metrics": {"accuracy": _mean(acc), "exact_match": _mean(em)},
         "breakdown": _by_qtype(anns, {"accuracy": acc, "exact_match": em}),
@@ -309,7 +317,10 @@ def _score_mc(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]) 
         for a, p in zip(anns, preds, strict=True)
     ]
     correct = [float(letter == a.data["answer"]) for a, letter in zip(anns, letters, strict=True)]
-    unanswered = [float(letter is None) for letter in letters]
+    unanswered = [
+        float(letter not in metrics.option_letters(len(a.data["options"])))
+        for a, letter in zip(anns, letters, strict=True)
+    ]
     return {
         "metrics": {"accuracy": _mean(correct), "no_answer": _mean(unanswered)},
         "breakdown": _by_qtype(anns, {"accuracy": correct, "no_answer": unanswered}),
@@ -330,8 +341,13 @@ def _score_pope(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]
         out["breakdown"] = {
             "category": {
                 cat: {
-                    **{k: v for k, v in metrics.pope_metrics([texts[i] for i in idx], [labels[i] for i in idx]).items()
-                       if k in keys},
+                    **{
+                        k: v
+                        for k, v in metrics.pope_metrics(
+                            [texts[i] for i in idx], [labels[i] for i in idx]
+                        ).items()
+                        if k in keys
+                    },
                     "n": len(idx),
                 }
                 for cat, idx in sorted(groups.items())
@@ -340,7 +356,9 @@ def _score_pope(anns: Sequence[_Annotation], preds: Sequence[_Prediction | None]
     return out
 
 
-def _caption_part(texts: Sequence[str], refs: Sequence[Sequence[str]], meteor: bool) -> tuple[dict[str, Any], list[str]]:
+def _caption_part(
+    texts: Sequence[str], refs: Sequence[Sequence[str]], meteor: bool
+) -> tuple[dict[str, Any], list[str]]:
     result = metrics.caption_metrics(texts, refs, meteor=meteor)
     return {"cider": result["cider"], "meteor": result["meteor"]}, result["warnings"]
 
@@ -376,7 +394,9 @@ def _score_seg(
     if empty:
         warnings.append(f"{empty} ground-truth mask(s) had no predicted mask, scored against an empty mask")
     if extra:
-        warnings.append(f"{extra} predicted mask(s) beyond the annotation's masks were ignored (masks pair by order)")
+        warnings.append(
+            f"{extra} predicted mask(s) beyond the annotation's masks were ignored (masks pair by order)"
+        )
     out["warnings"] = warnings
     return out
 
@@ -391,7 +411,9 @@ def _score_region_caption(
     )
     scores["attribute_accuracy"] = attrs["mean"]
     breakdown = {
-        "attribute": {k: {"accuracy": v, "n": attrs["n"][k]} for k, v in sorted(attrs["per_attribute"].items())}
+        "attribute": {
+            k: {"accuracy": v, "n": attrs["n"][k]} for k, v in sorted(attrs["per_attribute"].items())
+        }
     }
     return {"metrics": scores, "breakdown": breakdown, "warnings": warnings}
 
@@ -411,7 +433,9 @@ def _score_gcg(
             continue
         _check_pred_sizes(src, pred, gts[0]["size"] if gts else None)
         pred_masks.append(pred.masks)
-        pred_phrases.append(pred.phrases if pred.phrases is not None else metrics.extract_gcg_phrases(pred.text))
+        pred_phrases.append(
+            pred.phrases if pred.phrases is not None else metrics.extract_gcg_phrases(pred.text)
+        )
         texts.append(metrics.strip_gcg_markup(pred.text))
     gt_masks = [a.data["masks"] for a in anns]
     scores: dict[str, Any] = {
@@ -484,7 +508,9 @@ def score_task(
     )
 
 
-def score_files(task: str, pred_path: str | Path, ann_path: str | Path, *, meteor: bool = True) -> dict[str, Any]:
+def score_files(
+    task: str, pred_path: str | Path, ann_path: str | Path, *, meteor: bool = True
+) -> dict[str, Any]:
     """Score a prediction JSONL against an annotation JSONL (or a ``tasks/{split}/`` directory)."""
     ann_file = resolve_annotation_path(task, ann_path)
     results = _score(
@@ -526,7 +552,9 @@ def results_table(results: Mapping[str, Any]) -> Table:
             n = values.get("n")
             for name, value in values.items():
                 if name != "n":
-                    table.add_row(f"{group}={key} {name}" + (f" (n={n})" if n is not None else ""), _fmt(value))
+                    table.add_row(
+                        f"{group}={key} {name}" + (f" (n={n})" if n is not None else ""), _fmt(value)
+                    )
     table.add_section()
     for name, value in results["counts"].items():
         table.add_row(f"count {name}", str(value))

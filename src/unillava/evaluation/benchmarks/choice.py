@@ -49,7 +49,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def options_block(options: Sequence[str]) -> str:
-    """"A. first\\nB. second" -- the option layout of LLaVA's and lmms-eval's multiple-choice prompts."""
+    """ "A. first\\nB. second" -- the option layout of LLaVA's and lmms-eval's multiple-choice prompts."""
     return "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
 
 
@@ -57,28 +57,33 @@ def options_block(options: Sequence[str]) -> str:
 # ScienceQA-IMG
 # --------------------------------------------------------------------------------------------------
 
-_SQA_SENTENCE = re.compile(r"The answer is ([A-E])\.")
-_SQA_PLAIN = re.compile(r"The answer is ([A-E])")
+SQA_OPTIONS = ("A", "B", "C", "D", "E")
+SQA_FAILED = "FAILED"
+# Transcribed as written: the "." after the group is any character but a newline, not a full stop.
+_SQA_PATTERN = re.compile(r"The answer is ([A-Z]).")
 
 
-def sqa_letter(text: str, n_choices: int) -> str | None:
-    """The option letter LLaVA's eval_science_qa.py reads from an answer, or None ("FAILED", scored wrong).
+def sqa_parse(text: str) -> str:
+    """The answer LLaVA's llava/eval/eval_science_qa.py (commit ce1aa08, unchanged at c121f04) parses.
 
-    Newlines become ". "; then the stripped text is a bare letter, or starts with "X. ", or contains
-    "The answer is X." / "The answer is X". Letters past the problem's choices do not count. (The
-    official script then picks a random choice for FAILED in some versions; we count it as wrong.)
+    The text is used exactly as given (no stripping): a bare option letter A-E; else a text of 3+
+    characters starting with a letter A-E and ". "; else the one match of `The answer is ([A-Z]).`
+    (any capital letter, followed by any character but a newline, so "The answer is B" at the very
+    end does not match and two matches, even equal, fail). Otherwise "FAILED"; an empty text fails.
     """
-    flat = text.replace("\n", ". ")
-    allowed = LETTERS[: min(n_choices, 5)]
-    if flat.strip() in allowed:
-        return flat.strip()
-    if len(flat) >= 3 and flat[0] in allowed and flat[1:3] == ". ":
-        return flat[0]
-    for pattern in (_SQA_SENTENCE, _SQA_PLAIN):
-        match = pattern.search(flat)
-        if match:
-            return match.group(1) if match.group(1) in allowed else None
-    return None
+    if text in SQA_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = _SQA_PATTERN.findall(text)
+    return found[0] if len(found) == 1 else SQA_FAILED
+
+
+def sqa_choice_index(parsed: str, n_choices: int) -> int:
+    """eval_science_qa.py's get_pred_idx: the parsed letter's index among the problem's choices (letters
+    A-E only), -1 otherwise ("FAILED", a letter past the choices, F-Z); -1 never equals the answer."""
+    allowed = SQA_OPTIONS[:n_choices]
+    return allowed.index(parsed) if parsed in allowed else -1
 
 
 class ScienceQA(Benchmark):
@@ -91,7 +96,10 @@ class ScienceQA(Benchmark):
         "ScienceQA's `problems.json` and `pid_splits.json` (github.com/lupantech/ScienceQA) and the test images in "
         "`images/test/<pid>/image.png` (or `test/`); LLaVA's `llava_test_CQM-A.json` is used for the prompts if present."
     )
-    metric_note = "accuracy on the test questions that have an image (LLaVA eval_science_qa.py answer parsing)"
+    metric_note = (
+        "accuracy on the test questions that have an image (LLaVA eval_science_qa.py: its parsing and regex "
+        "on the raw answer; FAILED is wrong; no_answer = share of FAILED)"
+    )
 
     def recognises(self, root: Path) -> bool:
         return (root / "problems.json").is_file()
@@ -104,8 +112,11 @@ class ScienceQA(Benchmark):
         splits = read_json(s_path) if s_path.is_file() else None
         if splits is not None and (not isinstance(splits, dict) or not isinstance(splits.get(split), list)):
             raise DataError(f"{s_path}: no list for split {split!r}")
-        pids = [str(p) for p in splits[split]] if splits is not None else [k for k, v in data.items()
-                                                                             if isinstance(v, dict) and v.get("split") == split]
+        pids = (
+            [str(p) for p in splits[split]]
+            if splits is not None
+            else [k for k, v in data.items() if isinstance(v, dict) and v.get("split") == split]
+        )
         images = image_dir(root, (f"images/{split}", split))
         llava_prompts = self._llava_prompts(root, split, problems)
         items = []
@@ -120,7 +131,12 @@ class ScienceQA(Benchmark):
             if not prob.get("image"):
                 continue
             choices, answer = prob.get("choices"), prob.get("answer")
-            if not isinstance(choices, list) or len(choices) < 2 or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            if (
+                not isinstance(choices, list)
+                or len(choices) < 2
+                or not isinstance(answer, int)
+                or not 0 <= answer < len(choices)
+            ):
                 problems.add(at, "needs 'choices' (a list) and 'answer' (an index into it)")
                 continue
             question = get_str(prob, "question", at, problems)
@@ -131,9 +147,15 @@ class ScienceQA(Benchmark):
                 hint = str(prob.get("hint") or "").strip()
                 context = f"Context: {hint}\n" if hint else ""
                 prompt = f"{context}{question}\n{options_block([str(c) for c in choices])}"
-            items.append(Item(pid, with_prompt(prompt, PROMPT_LETTER), [images / pid / str(prob["image"])],
-                              {"answer": LETTERS[answer], "n": len(choices), "subject": prob.get("subject")},
-                              {"at": at}))
+            items.append(
+                Item(
+                    pid,
+                    with_prompt(prompt, PROMPT_LETTER),
+                    [images / pid / str(prob["image"])],
+                    {"answer": LETTERS[answer], "n": len(choices), "subject": prob.get("subject")},
+                    {"at": at},
+                )
+            )
         return LoadResult(items, split, problems.messages)
 
     @staticmethod
@@ -144,20 +166,34 @@ class ScienceQA(Benchmark):
         out = {}
         for number, rec in json_records(path, read_json(path), problems):
             convs = rec.get("conversations")
-            if isinstance(convs, list) and convs and isinstance(convs[0], dict) and isinstance(convs[0].get("value"), str):
+            if (
+                isinstance(convs, list)
+                and convs
+                and isinstance(convs[0], dict)
+                and isinstance(convs[0].get("value"), str)
+            ):
                 out[str(rec.get("id"))] = convs[0]["value"].replace("<image>", "").strip()
             else:
                 problems.add(where(path, number, "record"), "no 'conversations'[0].value")
         return out
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
+        """eval_science_qa.py: right when get_pred_idx equals the answer index; FAILED (an unparsed, empty or
+        missing answer) is wrong and counted in no_answer."""
         preds = texts(items, predictions)
-        letters = [None if p is None else sqa_letter(p, item.answer["n"]) for item, p in zip(items, preds, strict=True)]
-        correct = [float(letter == item.answer["answer"]) for item, letter in zip(items, letters, strict=True)]
-        failed = [float(letter is None) for letter in letters]
+        parsed = [SQA_FAILED if p is None else sqa_parse(p) for p in preds]
+        correct = [
+            float(sqa_choice_index(letter, item.answer["n"]) == LETTERS.index(item.answer["answer"]))
+            for item, letter in zip(items, parsed, strict=True)
+        ]
+        failed = [float(letter == SQA_FAILED) for letter in parsed]
         return {
             "metrics": {"accuracy": mean(correct), "no_answer": mean(failed)},
-            "breakdown": {"subject": group_means([i.answer.get("subject") for i in items], {"accuracy": correct})},
+            "breakdown": {
+                "subject": group_means([i.answer.get("subject") for i in items], {"accuracy": correct})
+            },
         }
 
 
@@ -223,7 +259,8 @@ def write_xlsx(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         ),
         "xl/worksheets/sheet1.xml": (
             f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><worksheet {ns}><sheetData>'
-            + "".join(sheet_rows) + "</sheetData></worksheet>"
+            + "".join(sheet_rows)
+            + "</sheetData></worksheet>"
         ),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,11 +289,16 @@ class MMBench(Benchmark):
         "MMBench's TSV with base64 images: `mmbench_dev_20230712.tsv` (dev, scored locally with CircularEval) or "
         "`mmbench_test_*.tsv` (test, the paper's split: an .xlsx for the MMBench server is written)."
     )
-    metric_note = "CircularEval accuracy: a question counts only if the answers to all circular shifts of its options are right"
+    metric_note = (
+        "CircularEval accuracy: a question counts only if the answers to all circular shifts of its options "
+        "are right; letters by VLMEvalKit's can_infer (c6bdffd3) under its exact_matching policy (no judge)"
+    )
 
     def _tsvs(self, root: Path) -> list[Path]:
         found = sorted(root.glob("*.tsv"))
-        return [p for p in found if ("cn" in p.stem.lower().replace("-", "_").split("_")) == (self.lang == "cn")]
+        return [
+            p for p in found if ("cn" in p.stem.lower().replace("-", "_").split("_")) == (self.lang == "cn")
+        ]
 
     def recognises(self, root: Path) -> bool:
         return bool(self._tsvs(root))
@@ -268,13 +310,20 @@ class MMBench(Benchmark):
         else:
             tsvs = sorted(tsvs, key=lambda p: "dev" not in p.stem.lower())
         if not tsvs:
-            raise DataError(f"{root}: no MMBench{'-CN' if self.lang == 'cn' else ''} .tsv" + (f" for split {split!r}" if split else ""))
+            raise DataError(
+                f"{root}: no MMBench{'-CN' if self.lang == 'cn' else ''} .tsv"
+                + (f" for split {split!r}" if split else "")
+            )
         path = tsvs[0]
-        split = split or ("dev" if "dev" in path.stem.lower() else "test" if "test" in path.stem.lower() else path.stem)
+        split = split or (
+            "dev" if "dev" in path.stem.lower() else "test" if "test" in path.stem.lower() else path.stem
+        )
         problems = Problems()
         rows = self._read_tsv(path, problems)
         images_by_index = {r["index"]: r.get("image", "") for _, r in rows}
-        has_copies = any(_int(r["index"]) is not None and _int(r["index"]) >= CIRCULAR_OFFSET for _, r in rows)
+        has_copies = any(
+            _int(r["index"]) is not None and _int(r["index"]) >= CIRCULAR_OFFSET for _, r in rows
+        )
         suffix = PROMPT_LETTER_CN if self.lang == "cn" else PROMPT_LETTER
         items = []
         for line, row in rows:
@@ -312,16 +361,34 @@ class MMBench(Benchmark):
                 shown = options[k:] + options[:k]
                 original = [LETTERS[(p + k) % len(options)] for p in range(len(options))]
                 text = (f"{hint}\n" if hint else "") + f"{question}\n{options_block(shown)}"
-                items.append(Item(
-                    index if k == 0 else f"{index}@{k}",
-                    with_prompt(text, suffix),
-                    [EmbeddedImage(image, f"{path} line {line} (image of index {index})")],
-                    None if answer is None else {"answer": answer, "options": shown, "original": original,
-                                                 "group": base, "category": row.get("category")},
-                    {"at": at, "index": index, "round": k, "row": {c: row.get(c) for c in ("question", *LETTERS[:len(options)], "answer")}},
-                ))
+                items.append(
+                    Item(
+                        index if k == 0 else f"{index}@{k}",
+                        with_prompt(text, suffix),
+                        [EmbeddedImage(image, f"{path} line {line} (image of index {index})")],
+                        None
+                        if answer is None
+                        else {
+                            "answer": answer,
+                            "options": shown,
+                            "original": original,
+                            "group": base,
+                            "category": row.get("category"),
+                        },
+                        {
+                            "at": at,
+                            "index": index,
+                            "round": k,
+                            "row": {c: row.get(c) for c in ("question", *LETTERS[: len(options)], "answer")},
+                        },
+                    )
+                )
         items = dedupe(items, problems)
-        notes = [] if items and items[0].answer is not None else ["answers are not public: submit the .xlsx to the MMBench server"]
+        notes = (
+            []
+            if items and items[0].answer is not None
+            else ["answers are not public: submit the .xlsx to the MMBench server"]
+        )
         return LoadResult(items, split, problems.messages, notes)
 
     @staticmethod
@@ -347,18 +414,27 @@ class MMBench(Benchmark):
             rows.append((line, dict(zip(header, row, strict=True))))
         return rows
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         preds = texts(items, predictions)
         correct, answered = [], []
         for item, p in zip(items, preds, strict=True):
             letter = None if p is None else metrics.extract_option_letter(p, item.answer["options"])
-            picked = None if letter is None else item.answer["original"][LETTERS.index(letter)]
+            shown = LETTERS[: len(item.answer["options"])]
+            picked = (
+                item.answer["original"][shown.index(letter)]
+                if letter is not None and letter in shown
+                else None
+            )
             correct.append(picked == item.answer["answer"])
-            answered.append(letter is not None)
+            answered.append(picked is not None)
         groups = [item.answer["group"] for item in items]
         circular, verdict = circular_accuracy(groups, correct)
         first = [c for item, c in zip(items, correct, strict=True) if item.meta.get("round", 0) == 0]
-        categories: dict[str, str | None] = {item.answer["group"]: item.answer.get("category") for item in items}
+        categories: dict[str, str | None] = {
+            item.answer["group"]: item.answer.get("category") for item in items
+        }
         per_question = list(verdict)
         return {
             "metrics": {
@@ -366,17 +442,28 @@ class MMBench(Benchmark):
                 "accuracy": mean([float(c) for c in first]),
                 "no_answer": mean([float(not a) for a in answered]),
             },
-            "breakdown": {"category": group_means([categories[g] for g in per_question],
-                                                  {"circular_accuracy": [float(verdict[g]) for g in per_question]})},
+            "breakdown": {
+                "category": group_means(
+                    [categories[g] for g in per_question],
+                    {"circular_accuracy": [float(verdict[g]) for g in per_question]},
+                )
+            },
         }
 
     def write_submission(
-        self, items: Sequence[Item], predictions: Mapping[str, Prediction], out_dir: Path, split: str, root: Path
+        self,
+        items: Sequence[Item],
+        predictions: Mapping[str, Prediction],
+        out_dir: Path,
+        split: str,
+        root: Path,
     ) -> list[Path]:
         """The .xlsx LLaVA's convert_mmbench_for_submission.py uploads: the TSV's columns without the image,
         hint and category columns, with a "prediction" column (the unshifted question's answer)."""
         first = [item for item in items if item.meta.get("round", 0) == 0]
-        n_opts = max((sum(1 for c in LETTERS[:9] if item.meta["row"].get(c) is not None) for item in first), default=4)
+        n_opts = max(
+            (sum(1 for c in LETTERS[:9] if item.meta["row"].get(c) is not None) for item in first), default=4
+        )
         letters = list(LETTERS[:n_opts])
         has_answer = any(item.meta["row"].get("answer") not in (None, "") for item in first)
         header = ["index", "question", *letters, *(["answer"] if has_answer else []), "prediction"]
@@ -385,9 +472,15 @@ class MMBench(Benchmark):
             row = item.meta["row"]
             pred = predictions.get(item.id)
             index = _int(item.meta["index"])
-            rows.append([index if index is not None else item.meta["index"], row["question"],
-                         *[row.get(c) for c in letters], *([row.get("answer")] if has_answer else []),
-                         pred.text if pred else ""])
+            rows.append(
+                [
+                    index if index is not None else item.meta["index"],
+                    row["question"],
+                    *[row.get(c) for c in letters],
+                    *([row.get("answer")] if has_answer else []),
+                    pred.text if pred else "",
+                ]
+            )
         name = f"mmbench{'_cn' if self.lang == 'cn' else ''}_{split}_submission.xlsx"
         return [write_xlsx(out_dir / name, header, rows)]
 
@@ -426,7 +519,10 @@ class SEEDBench(Benchmark):
         "`SEED-Bench.json` and the `SEED-Bench-image/` folder (SEED-Bench-1, HF AILab-CVC/SEED-Bench); the video "
         "questions need LLaVA's `llava-seed-bench.jsonl` and its extracted middle frames (LLaVA's extract_video_frames.py)."
     )
-    metric_note = "accuracy: the answer text must equal the option letter (LLaVA convert_seed_for_submission.py)"
+    metric_note = (
+        "accuracy: the answer text must equal the option letter (LLaVA convert_seed_for_submission.py); "
+        "accuracy_letter_extracted: VLMEvalKit's can_infer (c6bdffd3), as SEEDBench_IMG is scored there"
+    )
 
     def recognises(self, root: Path) -> bool:
         return (root / "SEED-Bench.json").is_file()
@@ -435,7 +531,11 @@ class SEEDBench(Benchmark):
         problems = Problems()
         path = root / "SEED-Bench.json"
         data = read_json_object(path, "with 'questions' and 'question_type'")
-        type_names = {v: k for k, v in data.get("question_type", {}).items()} if isinstance(data.get("question_type"), dict) else {}
+        type_names = (
+            {v: k for k, v in data.get("question_type", {}).items()}
+            if isinstance(data.get("question_type"), dict)
+            else {}
+        )
         images = image_dir(root, ("SEED-Bench-image",))
         answers: dict[str, dict[str, Any]] = {}
         built: list[Item] = []
@@ -451,8 +551,12 @@ class SEEDBench(Benchmark):
                 problems.add(at, "needs 'choice_a'..'choice_d' and an 'answer' letter A-D")
                 continue
             kind = q.get("data_type", "image")
-            answers[qid] = {"answer": answer, "type": type_names.get(q.get("question_type_id"), str(q.get("question_type_id"))),
-                            "data_type": kind, "options": [str(c) for c in choices]}
+            answers[qid] = {
+                "answer": answer,
+                "type": type_names.get(q.get("question_type_id"), str(q.get("question_type_id"))),
+                "data_type": kind,
+                "options": [str(c) for c in choices],
+            }
             if kind == "image":
                 data_id = get_str(q, "data_id", at, problems)
                 if data_id is None:
@@ -467,11 +571,18 @@ class SEEDBench(Benchmark):
             items = dedupe(built, problems)
         return LoadResult(items, split or "test", problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         preds = texts(items, predictions)
-        exact = [float(p is not None and p == item.answer["answer"]) for item, p in zip(items, preds, strict=True)]
+        exact = [
+            float(p is not None and p == item.answer["answer"]) for item, p in zip(items, preds, strict=True)
+        ]
         extracted = [
-            float(p is not None and metrics.extract_option_letter(p, item.answer["options"]) == item.answer["answer"])
+            float(
+                p is not None
+                and metrics.extract_option_letter(p, item.answer["options"]) == item.answer["answer"]
+            )
             for item, p in zip(items, preds, strict=True)
         ]
         return {
@@ -483,7 +594,12 @@ class SEEDBench(Benchmark):
         }
 
     def write_submission(
-        self, items: Sequence[Item], predictions: Mapping[str, Prediction], out_dir: Path, split: str, root: Path
+        self,
+        items: Sequence[Item],
+        predictions: Mapping[str, Prediction],
+        out_dir: Path,
+        split: str,
+        root: Path,
     ) -> list[Path]:
         """The leaderboard's JSONL of {"question_id", "prediction"}."""
         path = out_dir / "seed_bench_submission.jsonl"
@@ -500,25 +616,24 @@ class SEEDBench(Benchmark):
 # --------------------------------------------------------------------------------------------------
 
 
-def _number(text: str) -> float | None:
-    try:
-        return round(float(text.replace(",", "").strip().rstrip(".")), 2)
-    except ValueError:
-        return None
+MMMU_OTHER = "Other Answers"
 
 
-def mmmu_open_correct(prediction: str, answers: Sequence[str]) -> bool:
-    """An open MMMU answer is right if it equals a gold answer after normalize_exact, or both read as
-    the same number to 2 decimals (MMMU's parse_open_response compares numbers rounded that way)."""
-    pred = metrics.normalize_exact(prediction)
-    pred_num = _number(pred)
-    for gold in answers:
-        if metrics.normalize_exact(gold) == pred:
-            return True
-        gold_num = _number(gold)
-        if pred_num is not None and gold_num is not None and pred_num == gold_num:
-            return True
-    return False
+def mmmu_correct(prediction: str, kind: str, options: Sequence[str], answer: str) -> bool:
+    """MMMU scored as VLMEvalKit (c6bdffd3) scores MMMU_DEV_VAL: every question as multiple choice.
+
+    MMMU_preproc turns an open question into options A = the raw gold answer, B = "Other Answers"
+    with gold "A"; a multiple-choice gold that is not one capital letter becomes "A" (its answer_map).
+    The letter is can_infer's; so an open answer counts when the gold text occurs in it (lower-cased)
+    and "other answers" does not, or when it holds "A" as a lone token.
+    """
+    if kind == "multiple-choice" and options:
+        choices = dict(zip(LETTERS, options, strict=False))
+        gold = answer if len(answer) == 1 and answer in LETTERS else "A"
+    else:
+        choices = {"A": answer, "B": MMMU_OTHER}
+        gold = "A"
+    return metrics.can_infer(prediction, choices) == gold
 
 
 class MMMU(Benchmark):
@@ -532,7 +647,10 @@ class MMMU(Benchmark):
         "export `mmmu_validation.jsonl` with fields id, question, options, answer, question_type and image paths "
         "`image_1`..`image_7` relative to the directory."
     )
-    metric_note = "accuracy: option letter (MMBench matching) for multiple choice, exact/numeric match for open questions"
+    metric_note = (
+        "accuracy as VLMEvalKit (c6bdffd3) scores MMMU: can_infer letters; open questions become options "
+        "A = the gold answer, B = 'Other Answers'"
+    )
 
     def recognises(self, root: Path) -> bool:
         return any(root.glob("mmmu_*.jsonl")) or any(root.glob("*/*.parquet"))
@@ -551,7 +669,9 @@ class MMMU(Benchmark):
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise DataError(f"{root}: reading MMMU's parquet files needs pyarrow (pip install pyarrow)") from None
+                raise DataError(
+                    f"{root}: reading MMMU's parquet files needs pyarrow (pip install pyarrow)"
+                ) from None
             for file in parquet:
                 for n, obj in enumerate(pq.read_table(file).to_pylist(), start=1):
                     records.append((where(file, n, "row"), obj, file.parent, file))
@@ -588,43 +708,44 @@ class MMMU(Benchmark):
                 prompt = f"{question}\n\n{PROMPT_SHORT}"
             gold = None
             if isinstance(answer, str) and answer.strip() and answer.strip() != "?":
-                gold = {"kind": kind, "options": [str(o) for o in options] if isinstance(options, list) else [],
-                        "answers": _gold_list(answer), "subject": "_".join(qid.split("_")[1:-1]) or None}
+                gold = {
+                    "kind": kind,
+                    "options": [str(o) for o in options] if isinstance(options, list) else [],
+                    "answer": answer,
+                    "subject": "_".join(qid.split("_")[1:-1]) or None,
+                }
             items.append(Item(qid, prompt, images, gold, {"at": at}))
         return LoadResult(dedupe(items, problems), split, problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         preds = texts(items, predictions)
-        correct = []
-        for item, p in zip(items, preds, strict=True):
-            gold = item.answer
-            if p is None:
-                correct.append(0.0)
-            elif gold["kind"] == "multiple-choice":
-                correct.append(float(metrics.extract_option_letter(p, gold["options"]) in gold["answers"]))
-            else:
-                correct.append(float(mmmu_open_correct(p, gold["answers"])))
-        return {"metrics": {"accuracy": mean(correct)},
-                "breakdown": {"subject": group_means([i.answer.get("subject") for i in items], {"accuracy": correct})}}
+        correct = [
+            float(
+                p is not None and mmmu_correct(p, i.answer["kind"], i.answer["options"], i.answer["answer"])
+            )
+            for i, p in zip(items, preds, strict=True)
+        ]
+        return {
+            "metrics": {"accuracy": mean(correct)},
+            "breakdown": {
+                "subject": group_means([i.answer.get("subject") for i in items], {"accuracy": correct}),
+                "question_type": group_means([i.answer["kind"] for i in items], {"accuracy": correct}),
+            },
+        }
 
     def write_submission(
-        self, items: Sequence[Item], predictions: Mapping[str, Prediction], out_dir: Path, split: str, root: Path
+        self,
+        items: Sequence[Item],
+        predictions: Mapping[str, Prediction],
+        out_dir: Path,
+        split: str,
+        root: Path,
     ) -> list[Path]:
         """MMMU's test server takes {id: answer}."""
         rows = {item.id: (p.text if (p := predictions.get(item.id)) else "") for item in items}
         return [write_json(out_dir / f"mmmu_{split}_submission.json", rows)]
-
-
-def _gold_list(answer: str) -> list[str]:
-    text = answer.strip()
-    if text.startswith("["):
-        try:
-            value = ast.literal_eval(text)
-            if isinstance(value, list):
-                return [str(v) for v in value]
-        except (ValueError, SyntaxError):
-            pass
-    return [text]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,7 +770,9 @@ class RealWorldQA(Benchmark):
     dirs = ("realworldqa", "RealWorldQA")
     columns = (Column("accuracy", "RWQA"),)
     default_split = "test"
-    download = "xAI's RealWorldQA release: `annotations.json` (image, question, answer) and the `images/` folder."
+    download = (
+        "xAI's RealWorldQA release: `annotations.json` (image, question, answer) and the `images/` folder."
+    )
     metric_note = "exact match (letters accept 'B', 'B.', '(B)'); the questions carry their own answer-format instruction"
 
     def recognises(self, root: Path) -> bool:
@@ -660,7 +783,9 @@ class RealWorldQA(Benchmark):
         images = image_dir(root, ("images",))
         path = root / "annotations.json"
         if path.is_file():
-            records = [(where(path, n, "record"), obj) for n, obj in json_records(path, read_json(path), problems)]
+            records = [
+                (where(path, n, "record"), obj) for n, obj in json_records(path, read_json(path), problems)
+            ]
         else:
             path = root / "realworldqa.jsonl"
             records = [(where(path, n), obj) for n, obj in read_jsonl(path, problems)]
@@ -675,7 +800,12 @@ class RealWorldQA(Benchmark):
             items.append(Item(qid, question, [images / image], {"answer": answer}, {"at": at}))
         return LoadResult(dedupe(items, problems), split or "test", problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         preds = texts(items, predictions)
-        correct = [float(p is not None and realworldqa_correct(p, item.answer["answer"])) for item, p in zip(items, preds, strict=True)]
+        correct = [
+            float(p is not None and realworldqa_correct(p, item.answer["answer"]))
+            for item, p in zip(items, preds, strict=True)
+        ]
         return {"metrics": {"accuracy": mean(correct)}, "breakdown": {}}

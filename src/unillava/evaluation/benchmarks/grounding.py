@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pycocotools import mask as mask_utils
 
 from unillava.errors import DataError
@@ -43,10 +45,18 @@ GCG_PROMPT = (
     "Could you please give me a detailed description of the image? Please respond with interleaved "
     "segmentation masks for the corresponding parts of the answer."
 )
-REGION_CAPTION_PROMPT = "Can you provide me with a detailed description of the region in the picture marked by region1 <mark>?"
+REGION_CAPTION_PROMPT = (
+    "Can you provide me with a detailed description of the region in the picture marked by region1 <mark>?"
+)
 
-COCO_IMAGE_FOLDERS = ("images/mscoco/images/train2014", "images/train2014", "train2014", "coco_2014/train2014",
-                      "coco/train2014", "images")
+COCO_IMAGE_FOLDERS = (
+    "images/mscoco/images/train2014",
+    "images/train2014",
+    "train2014",
+    "coco_2014/train2014",
+    "coco/train2014",
+    "images",
+)
 
 
 def coco_images(*roots: Path) -> Path:
@@ -87,7 +97,42 @@ def polygon_or_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]
     raise ValueError("segmentation must be a list of polygons or an RLE dict")
 
 
-_REFER = {"refcoco": ("refs(unc).p",), "refcoco+": ("refs(unc).p",), "refcocog": ("refs(umd).p", "refs(google).p")}
+def lisa_gt_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """The referring-segmentation ground truth as LISA scores it (dvlab-research/LISA, commit 3cb2d43:
+    utils/dataset.py ValDataset + utils/utils.py intersectionAndUnionGPU), as a bool H x W mask.
+
+    LISA decodes each polygon of the object separately (pycocotools frPyObjects + decode), sums them
+    and casts to uint8, then computes IoU with two classes: a pixel covered by two or more polygons has
+    label 2, which torch.histc leaves out of the class-1 area and which never equals a 0/1 prediction.
+    Such pixels therefore count as background. (REFER's refer.py annToMask would merge the polygons
+    instead, making them foreground.) The uint8 cast wraps as in LISA; only a pixel under 255 polygons
+    (LISA's ignore label, no real object has so many) would be treated differently (background here).
+    An empty segmentation is an empty mask. A single RLE dict (our JSONL export; LISA's loader would fail
+    on it) is decoded as it is.
+    """
+    if isinstance(segmentation, dict):
+        return metrics.decode_mask(metrics.to_rle(segmentation))
+    if not isinstance(segmentation, list):
+        raise ValueError("segmentation must be a list of polygons or RLE dicts, or an RLE dict")
+    if len(segmentation) == 0:
+        return np.zeros((height, width), dtype=bool)
+    if isinstance(segmentation[0], list):
+        rles = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rles = [metrics.to_rle(r) for r in segmentation]
+    with warnings.catch_warnings():
+        # pycocotools <= 2.0.10 trips NumPy 2's __array__(copy=...) deprecation; harmless here.
+        warnings.filterwarnings("ignore", message=".*__array__ implementation", category=DeprecationWarning)
+        stack = mask_utils.decode(rles)
+    labels = np.sum(stack, axis=2).astype(np.uint8)
+    return labels == 1
+
+
+_REFER = {
+    "refcoco": ("refs(unc).p",),
+    "refcoco+": ("refs(unc).p",),
+    "refcocog": ("refs(umd).p", "refs(google).p"),
+}
 
 
 class _Refer:
@@ -111,7 +156,9 @@ class _Refer:
             return self._jsonl(jsonl, root, problems), root
         folder = self.find(root)
         if folder is None:
-            raise DataError(f"{root}: no {self.dataset}/{_REFER[self.dataset][0]} + instances.json (or {jsonl.name})")
+            raise DataError(
+                f"{root}: no {self.dataset}/{_REFER[self.dataset][0]} + instances.json (or {jsonl.name})"
+            )
         refs_path = first_existing(folder, _REFER[self.dataset])
         assert refs_path is not None
         refs = load_refs(refs_path)
@@ -121,25 +168,45 @@ class _Refer:
             raise DataError(f"{refs_path}: no refs of split {split!r} (this file has {', '.join(splits)})")
         instances = read_json(folder / "instances.json")
         if not isinstance(instances, dict):
-            raise DataError(f"{folder / 'instances.json'}: expected a COCO object with 'images' and 'annotations'")
-        images = {img["id"]: img for img in instances.get("images", []) if isinstance(img, dict) and "id" in img}
-        anns = {ann["id"]: ann for ann in instances.get("annotations", []) if isinstance(ann, dict) and "id" in ann}
+            raise DataError(
+                f"{folder / 'instances.json'}: expected a COCO object with 'images' and 'annotations'"
+            )
+        images = {
+            img["id"]: img for img in instances.get("images", []) if isinstance(img, dict) and "id" in img
+        }
+        anns = {
+            ann["id"]: ann
+            for ann in instances.get("annotations", [])
+            if isinstance(ann, dict) and "id" in ann
+        }
         base = coco_images(folder.parent, folder) if folder != root else coco_images(root.parent, root)
         out = []
         for number, ref in enumerate(chosen, start=1):
             at = f"{refs_path} {split} ref {number} (ref_id {ref.get('ref_id')!r})"
             ann, img = anns.get(ref.get("ann_id")), images.get(ref.get("image_id"))
             if ann is None or img is None:
-                problems.add(at, f"ann_id {ref.get('ann_id')!r} or image_id {ref.get('image_id')!r} is not in instances.json")
+                problems.add(
+                    at,
+                    f"ann_id {ref.get('ann_id')!r} or image_id {ref.get('image_id')!r} is not in instances.json",
+                )
                 continue
             for k, sentence in enumerate(ref.get("sentences") or []):
                 text = sentence.get("sent") if isinstance(sentence, dict) else None
                 if not isinstance(text, str) or not text.strip():
                     problems.add(f"{at} sentence {k}", "no 'sent' text")
                     continue
-                out.append({"id": f"{ref.get('ref_id')}-{sentence.get('sent_id', k)}", "image": base / img["file_name"],
-                            "expression": text.strip(), "segmentation": ann.get("segmentation"), "bbox": ann.get("bbox"),
-                            "h": img.get("height"), "w": img.get("width"), "at": at})
+                out.append(
+                    {
+                        "id": f"{ref.get('ref_id')}-{sentence.get('sent_id', k)}",
+                        "image": base / img["file_name"],
+                        "expression": text.strip(),
+                        "segmentation": ann.get("segmentation"),
+                        "bbox": ann.get("bbox"),
+                        "h": img.get("height"),
+                        "w": img.get("width"),
+                        "at": at,
+                    }
+                )
         return out, folder
 
     def _jsonl(self, path: Path, root: Path, problems: Problems) -> list[dict[str, Any]]:
@@ -154,9 +221,21 @@ class _Refer:
                 continue
             seg = obj.get("mask", obj.get("segmentation"))
             size = seg.get("size") if isinstance(seg, dict) else None
-            h, w = (size if isinstance(size, list) and len(size) == 2 else (obj.get("height"), obj.get("width")))
-            out.append({"id": rid, "image": images / image, "expression": expression.strip(), "segmentation": seg,
-                        "bbox": obj.get("bbox"), "h": h, "w": w, "at": at})
+            h, w = (
+                size if isinstance(size, list) and len(size) == 2 else (obj.get("height"), obj.get("width"))
+            )
+            out.append(
+                {
+                    "id": rid,
+                    "image": images / image,
+                    "expression": expression.strip(),
+                    "segmentation": seg,
+                    "bbox": obj.get("bbox"),
+                    "h": h,
+                    "w": w,
+                    "at": at,
+                }
+            )
         return out
 
 
@@ -178,7 +257,10 @@ class RefSeg(_Refer, Benchmark):
         "and COCO train2014 images in `refer_seg/images/mscoco/images/train2014/` (or a JSONL export "
         "`refcoco_<split>.jsonl` with id, image, expression and an RLE `mask`)."
     )
-    metric_note = "cIoU = total intersection / total union over the split; gIoU = mean per-expression IoU"
+    metric_note = (
+        "cIoU = total intersection / total union over the split; gIoU = mean per-expression IoU; ground truth "
+        "built as LISA does (polygons summed: pixels under 2+ polygons are background)"
+    )
 
     def recognises(self, root: Path) -> bool:
         return self.has_data(root)
@@ -192,20 +274,35 @@ class RefSeg(_Refer, Benchmark):
             if rec["segmentation"] is None or not _size_ok(rec):
                 problems.add(rec["at"], "needs a segmentation (or RLE 'mask') and the image height and width")
                 continue
-            items.append(Item(rec["id"], REFSEG_PROMPT.format(expression=rec["expression"]), [rec["image"]],
-                              {"segmentation": rec["segmentation"], "h": rec["h"], "w": rec["w"]}, {"at": rec["at"]}))
+            items.append(
+                Item(
+                    rec["id"],
+                    REFSEG_PROMPT.format(expression=rec["expression"]),
+                    [rec["image"]],
+                    {"segmentation": rec["segmentation"], "h": rec["h"], "w": rec["w"]},
+                    {"at": rec["at"]},
+                )
+            )
         return LoadResult(dedupe(items, problems), split, problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         gts, preds = [], []
         for item in items:
             a = item.answer
-            gts.append(polygon_or_rle(a["segmentation"], a["h"], a["w"]))
+            gts.append(metrics.to_rle(lisa_gt_mask(a["segmentation"], a["h"], a["w"])))
             pred = predictions.get(item.id)
             preds.append(pred.masks[0] if pred is not None and pred.masks else None)
         result = metrics.segmentation_metrics(preds, gts)
-        return {"metrics": {"ciou": result["ciou"], "giou": result["giou"], "precision@0.5": result["precision@0.5"]},
-                "breakdown": {}}
+        return {
+            "metrics": {
+                "ciou": result["ciou"],
+                "giou": result["giou"],
+                "precision@0.5": result["precision@0.5"],
+            },
+            "breakdown": {},
+        }
 
 
 class RefSegPlus(RefSeg):
@@ -214,7 +311,9 @@ class RefSegPlus(RefSeg):
     dataset = "refcoco+"
     dirs = ("refer_seg", "refcoco+")
     columns = (Column("ciou", "RefCOCO+"), Column("giou", "RefCOCO+ gIoU"))
-    download = RefSeg.download.replace("refcoco/refs(unc).p + `refcoco/instances.json", "refcoco+/refs(unc).p + `refcoco+/instances.json")
+    download = RefSeg.download.replace(
+        "refcoco/refs(unc).p + `refcoco/instances.json", "refcoco+/refs(unc).p + `refcoco+/instances.json"
+    )
 
 
 class RefSegG(RefSeg):
@@ -223,7 +322,9 @@ class RefSegG(RefSeg):
     dataset = "refcocog"
     dirs = ("refer_seg", "refcocog")
     columns = (Column("ciou", "RefCOCOg"), Column("giou", "RefCOCOg gIoU"))
-    download = RefSeg.download.replace("refcoco/refs(unc).p + `refcoco/instances.json", "refcocog/refs(umd).p + `refcocog/instances.json")
+    download = RefSeg.download.replace(
+        "refcoco/refs(unc).p + `refcoco/instances.json", "refcocog/refs(umd).p + `refcocog/instances.json"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,18 +386,30 @@ class RefCOCOREC(_Refer, Benchmark):
                 problems.add(rec["at"], "needs 'bbox' [x, y, w, h] and the image height and width")
                 continue
             x, y, w, h = (float(v) for v in box)
-            items.append(Item(rec["id"], REC_PROMPT.format(expression=rec["expression"]), [rec["image"]],
-                              {"box": [x, y, x + w, y + h], "h": rec["h"], "w": rec["w"]}, {"at": rec["at"]}))
+            items.append(
+                Item(
+                    rec["id"],
+                    REC_PROMPT.format(expression=rec["expression"]),
+                    [rec["image"]],
+                    {"box": [x, y, x + w, y + h], "h": rec["h"], "w": rec["w"]},
+                    {"at": rec["at"]},
+                )
+            )
         return LoadResult(dedupe(items, problems), split, problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         hits, unparsed = [], 0
         for item in items:
             pred = predictions.get(item.id)
             box = None if pred is None else parse_box(pred.text, item.answer["w"], item.answer["h"])
             unparsed += box is None
             hits.append(float(box is not None and box_iou(box, item.answer["box"]) >= 0.5))
-        return {"metrics": {"accuracy": mean(hits), "no_box": unparsed / len(items) if items else 0.0}, "breakdown": {}}
+        return {
+            "metrics": {"accuracy": mean(hits), "no_box": unparsed / len(items) if items else 0.0},
+            "breakdown": {},
+        }
 
 
 class RefCOCOPlusREC(RefCOCOREC):
@@ -326,8 +439,13 @@ class GCG(Benchmark):
     name = "gcg"
     title = "GranDf GCG"
     dirs = ("GranDf", "grandf", "gcg")
-    columns = (Column("meteor", "GCG METEOR"), Column("cider", "GCG CIDEr"), Column("ap50", "GCG AP50"),
-               Column("miou", "GCG mIoU"), Column("recall", "GCG Recall"))
+    columns = (
+        Column("meteor", "GCG METEOR"),
+        Column("cider", "GCG CIDEr"),
+        Column("ap50", "GCG AP50"),
+        Column("miou", "GCG mIoU"),
+        Column("recall", "GCG Recall"),
+    )
     default_split = "test"
     segmentation = True
     max_new_tokens = 512
@@ -335,8 +453,10 @@ class GCG(Benchmark):
         "GLaMM's GranD-f evaluation files `annotations/val_test/{val,test}_gcg_coco_{mask,caption}_gt.json` and "
         "images `GranDf_HA_images/val_test/` (HF MBZUAI/GranD-f)."
     )
-    metric_note = ("AP50 (COCO segm, one class), mIoU (greedy one-to-one matching), recall (IoU >= 0.5 and phrase "
-                   "similarity >= 0.5, token F1 instead of BERT cosine), METEOR and CIDEr of the plain caption")
+    metric_note = (
+        "AP50 (COCO segm, one class), mIoU (greedy one-to-one matching), recall (IoU >= 0.5 and phrase "
+        "similarity >= 0.5, token F1 instead of BERT cosine), METEOR and CIDEr of the plain caption"
+    )
 
     def _ann_dir(self, root: Path) -> Path | None:
         for folder in (root / "annotations" / "val_test", root / "annotations", root):
@@ -353,12 +473,19 @@ class GCG(Benchmark):
         folder = self._ann_dir(root)
         if folder is None:
             raise DataError(f"{root}: no annotations/val_test/{split}_gcg_coco_caption_gt.json")
-        cap_path, mask_path = folder / f"{split}_gcg_coco_caption_gt.json", folder / f"{split}_gcg_coco_mask_gt.json"
+        cap_path, mask_path = (
+            folder / f"{split}_gcg_coco_caption_gt.json",
+            folder / f"{split}_gcg_coco_mask_gt.json",
+        )
         if not cap_path.is_file() or not mask_path.is_file():
             raise DataError(f"{folder}: needs {cap_path.name} and {mask_path.name} for split {split!r}")
         captions, masks = read_json(cap_path), read_json(mask_path)
         images = image_dir(root, ("GranDf_HA_images/val_test", "images/val_test", "images"))
-        sizes = {img["id"]: (img.get("height"), img.get("width")) for img in masks.get("images", []) if isinstance(img, dict)}
+        sizes = {
+            img["id"]: (img.get("height"), img.get("width"))
+            for img in masks.get("images", [])
+            if isinstance(img, dict)
+        }
         gt_masks: dict[Any, list[Any]] = {}
         for number, ann in json_records(mask_path, masks, problems, "annotations"):
             if "segmentation" not in ann or "image_id" not in ann:
@@ -368,30 +495,58 @@ class GCG(Benchmark):
         cap_by_image: dict[Any, dict[str, Any]] = {}
         for number, ann in json_records(cap_path, captions, problems, "annotations"):
             if "image_id" in ann:
-                cap_by_image.setdefault(ann["image_id"], {**ann, "_at": where(cap_path, number, "annotation")})
+                cap_by_image.setdefault(
+                    ann["image_id"], {**ann, "_at": where(cap_path, number, "annotation")}
+                )
         cap_images = [img for _, img in json_records(cap_path, captions, problems, "images")]
         if cap_images and not any(img.get("id") in sizes for img in cap_images):
-            raise DataError(f"{mask_path}: none of the caption file's images appear here (a mask file for another split?)")
+            raise DataError(
+                f"{mask_path}: none of the caption file's images appear here (a mask file for another split?)"
+            )
         items = []
         for number, img in enumerate(cap_images, start=1):
             at = where(cap_path, number, "image")
             image_id, file_name = img.get("id"), img.get("file_name")
             ann = cap_by_image.get(image_id)
-            if image_id is None or not isinstance(file_name, str) or ann is None or not isinstance(ann.get("caption"), str):
-                problems.add(at, "needs 'id', 'file_name' and a caption annotation with 'caption' and 'labels'")
+            if (
+                image_id is None
+                or not isinstance(file_name, str)
+                or ann is None
+                or not isinstance(ann.get("caption"), str)
+            ):
+                problems.add(
+                    at, "needs 'id', 'file_name' and a caption annotation with 'caption' and 'labels'"
+                )
                 continue
             h, w = sizes.get(image_id, (img.get("height"), img.get("width")))
             segs = gt_masks.get(image_id, [])
             labels = ann.get("labels") or []
             if len(labels) != len(segs):
-                problems.add(ann["_at"], f"{len(labels)} labels but {len(segs)} ground-truth masks for image {image_id!r}")
+                problems.add(
+                    ann["_at"],
+                    f"{len(labels)} labels but {len(segs)} ground-truth masks for image {image_id!r}",
+                )
                 continue
-            items.append(Item(str(image_id), GCG_PROMPT, [images / file_name],
-                              {"caption": ann["caption"], "phrases": [str(x) for x in labels], "masks": segs, "h": h, "w": w},
-                              {"at": at}))
+            items.append(
+                Item(
+                    str(image_id),
+                    GCG_PROMPT,
+                    [images / file_name],
+                    {
+                        "caption": ann["caption"],
+                        "phrases": [str(x) for x in labels],
+                        "masks": segs,
+                        "h": h,
+                        "w": w,
+                    },
+                    {"at": at},
+                )
+            )
         return LoadResult(dedupe(items, problems), split, problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         pred_masks, pred_phrases, captions, gt_masks = [], [], [], []
         for item in items:
             a = item.answer
@@ -404,10 +559,13 @@ class GCG(Benchmark):
         caps = metrics.caption_metrics(captions, [[item.answer["caption"]] for item in items], meteor=meteor)
         return {
             "metrics": {
-                "meteor": caps["meteor"], "cider": caps["cider"],
+                "meteor": caps["meteor"],
+                "cider": caps["cider"],
                 "ap50": metrics.gcg_ap50(pred_masks, gt_masks),
                 "miou": metrics.gcg_miou(pred_masks, gt_masks),
-                "recall": metrics.gcg_recall(pred_masks, pred_phrases, gt_masks, [item.answer["phrases"] for item in items]),
+                "recall": metrics.gcg_recall(
+                    pred_masks, pred_phrases, gt_masks, [item.answer["phrases"] for item in items]
+                ),
             },
             "breakdown": {},
             "warnings": caps["warnings"],
@@ -417,6 +575,24 @@ class GCG(Benchmark):
 # --------------------------------------------------------------------------------------------------
 # RefCOCOg region captions
 # --------------------------------------------------------------------------------------------------
+
+
+def region_prompt(region: Mapping[str, Any], image: Mapping[str, Any]) -> dict[str, Any]:
+    """The visual prompt that marks a region for a model that takes one (OMG-LLaVA's `<mark>`).
+
+    OMG-LLaVA's own evaluation (omg_llava region-caption inference) marks the region with its mask when
+    the annotation has one ('segmentation' and the image size); otherwise the region is its box, which
+    GLaMM's region-captioning inference converts from COCO [x, y, w, h] to [x1, y1, x2, y2].
+    """
+    h, w = image.get("height"), image.get("width")
+    segmentation = region.get("segmentation")
+    if segmentation and isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
+        try:
+            return {"type": "mask", "mask": metrics.to_rle(polygon_or_rle(segmentation, h, w))}
+        except (ValueError, TypeError):
+            pass
+    x, y, bw, bh = (float(v) for v in region["bbox"])
+    return {"type": "box", "box": [x, y, x + bw, y + bh]}
 
 
 class RegionCaption(Benchmark):
@@ -433,7 +609,10 @@ class RegionCaption(Benchmark):
     )
     metric_note = "METEOR and CIDEr (COCOEvalCap) of the caption of the marked region"
 
-    NAMES = ("mdetr_annotations/finetune_refcocog_{split}_captions.json", "finetune_refcocog_{split}_captions.json")
+    NAMES = (
+        "mdetr_annotations/finetune_refcocog_{split}_captions.json",
+        "finetune_refcocog_{split}_captions.json",
+    )
 
     def recognises(self, root: Path) -> bool:
         return any(first_existing(root, [n.format(split=s) for n in self.NAMES]) for s in ("val", "test"))
@@ -457,18 +636,42 @@ class RegionCaption(Benchmark):
             if image_id is None or file_name is None:
                 continue
             regions = anns.get(img["id"], [])
-            refs = [a["caption"] for a in regions if isinstance(a.get("caption"), str) and a["caption"].strip()]
+            refs = [
+                a["caption"] for a in regions if isinstance(a.get("caption"), str) and a["caption"].strip()
+            ]
             if isinstance(img.get("caption"), str) and img["caption"].strip():
                 refs.append(img["caption"])
-            box = next((a.get("bbox") for a in regions if isinstance(a.get("bbox"), list)), None)
-            if not refs or box is None:
-                problems.add(at, "needs a region annotation with 'bbox' and a 'caption'")
+            region = next((a for a in regions if isinstance(a.get("bbox"), list)), None)
+            box = None if region is None else region["bbox"]
+            numeric = (
+                box is not None
+                and len(box) == 4
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+            )
+            if not refs or not numeric:
+                problems.add(at, "needs a region annotation with 'bbox' [x, y, w, h] and a 'caption'")
                 continue
-            items.append(Item(image_id, REGION_CAPTION_PROMPT, [images / file_name], {"captions": refs, "bbox": box},
-                              {"at": at, "region_bbox": box}))
+            prompt = region_prompt(region, img)
+            items.append(
+                Item(
+                    image_id,
+                    REGION_CAPTION_PROMPT,
+                    [images / file_name],
+                    {"captions": refs, "bbox": box},
+                    {"at": at, "region_bbox": box, "visual_prompt": prompt},
+                )
+            )
         return LoadResult(dedupe(items, problems), split, problems.messages)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
-        captions = [metrics.strip_gcg_markup(p.text) if (p := predictions.get(item.id)) else "" for item in items]
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
+        captions = [
+            metrics.strip_gcg_markup(p.text) if (p := predictions.get(item.id)) else "" for item in items
+        ]
         caps = metrics.caption_metrics(captions, [item.answer["captions"] for item in items], meteor=meteor)
-        return {"metrics": {"meteor": caps["meteor"], "cider": caps["cider"]}, "breakdown": {}, "warnings": caps["warnings"]}
+        return {
+            "metrics": {"meteor": caps["meteor"], "cider": caps["cider"]},
+            "breakdown": {},
+            "warnings": caps["warnings"],
+        }

@@ -85,18 +85,29 @@ class POPE(Benchmark):
                     continue
                 if qid is None or text is None or image is None:
                     continue
-                items.append(Item(f"{category}-{qid}", with_prompt(text, PROMPT_SHORT), [images / image],
-                                  {"label": label.strip().lower(), "category": category}, {"at": at}))
+                items.append(
+                    Item(
+                        f"{category}-{qid}",
+                        with_prompt(text, PROMPT_SHORT),
+                        [images / image],
+                        {"label": label.strip().lower(), "category": category},
+                        {"at": at},
+                    )
+                )
         notes = [f"split file(s) not found, skipped: {', '.join(missing)}"] if missing else []
         return LoadResult(dedupe(items, problems), split or "all", problems.messages, notes)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
         preds = texts(items, predictions)
         per: dict[str, dict[str, Any]] = {}
         for category in POPE_SPLITS:
             idx = [i for i, item in enumerate(items) if item.answer["category"] == category]
             if idx:
-                result = metrics.pope_metrics([preds[i] for i in idx], [items[i].answer["label"] for i in idx])
+                result = metrics.pope_metrics(
+                    [preds[i] for i in idx], [items[i].answer["label"] for i in idx]
+                )
                 per[category] = {**{k: result[k] for k in POPE_KEYS}, "n": len(idx)}
         averaged = {k: mean([v[k] for v in per.values()]) for k in POPE_KEYS}
         return {"metrics": averaged, "breakdown": {"split": per}}
@@ -106,21 +117,37 @@ class POPE(Benchmark):
 # MME
 # --------------------------------------------------------------------------------------------------
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
 
 
 def mme_answer(text: str) -> str:
-    """MME calculation.py's reading of an answer: "yes", "no" or "other" (always wrong).
+    """calculation.py's reading of an answer: "yes", "no" or "other" (always wrong).
 
-    Lower-cased, stripped and without periods; "yes"/"no" as such, else whichever of "yes" / "no"
-    occurs in the first four characters ("yes" checked first).
+    LLaVA's convert_answer_to_mme.py (in LLaVA's eval.zip; a copy is in haotian-liu/LLaVA PR #1279,
+    commit 5c134a5) writes the raw answer as the last field of a tab-separated line,
+    and calculation.py (MME eval_tool, BradyFU/Awesome-Multimodal-Large-Language-Models, Evaluation
+    branch, tools/eval_tool.zip of commit 1c1d69e) splits the line it read, newline included, and only
+    lower-cases the field. So the field is never exactly "yes"/"no"; the label is "yes" if "yes" occurs
+    in its first four characters, else "no" if "no" does: "Not sure", "Nope" and "Know" read as no,
+    "Eyes" as yes, while "I think yes" and "  yes" (two leading spaces) are other.
     """
-    t = text.lower().strip().replace(".", "")
-    if t in ("yes", "no"):
-        return t
-    prefix = t[:4]
+    field = (text + "\n").lower()
+    if field in ("yes", "no"):
+        return field
+    prefix = field[:4]
     if "yes" in prefix:
         return "yes"
     if "no" in prefix:
@@ -128,18 +155,33 @@ def mme_answer(text: str) -> str:
     return "other"
 
 
-def mme_scores(tasks: Sequence[str], images: Sequence[str], correct: Sequence[bool]) -> dict[str, dict[str, float]]:
-    """Per subtask: acc (% of questions right), acc_plus (% of images whose questions are all right) and
-    score = acc + acc_plus, as MME's calculation.py."""
-    by_task: dict[str, dict[str, list[bool]]] = {}
-    for task, image, ok in zip(tasks, images, correct, strict=True):
-        by_task.setdefault(task, {}).setdefault(image, []).append(bool(ok))
+def mme_line_breaks(text: str) -> bool:
+    """Whether an answer would break LLaVA's converted line (a tab, or a newline in either convention,
+    which text-mode reading turns into a line end); calculation.py then stops with an unpacking error."""
+    return any(ch in text for ch in "\t\n\r")
+
+
+def mme_scores(tasks: Sequence[str], correct: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """Per subtask: acc, acc_plus and score = acc + acc_plus (in %), exactly as calculation.py.
+
+    calculation.py pairs the lines of a subtask file two by two in file order ("one image corresponds
+    to two questions"), so acc+ is the share of consecutive pairs with both answers right and a
+    subtask with an odd count has a last pair of one (the reference asserts there; here that pair can
+    never count for acc+). acc is accuracy_score over the lines. score = acc*100 + acc_plus*100 in that
+    order, as the script sums them.
+    """
+    lines: dict[str, list[bool]] = {}
+    for task, ok in zip(tasks, correct, strict=True):
+        lines.setdefault(task, []).append(bool(ok))
     out = {}
-    for task, per_image in by_task.items():
-        answers = [ok for oks in per_image.values() for ok in oks]
-        acc = 100.0 * sum(answers) / len(answers)
-        acc_plus = 100.0 * sum(all(oks) for oks in per_image.values()) / len(per_image)
-        out[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "n": len(answers)}
+    for task, oks in lines.items():
+        pairs = [oks[i : i + 2] for i in range(0, len(oks), 2)]
+        acc = sum(oks) / len(oks)
+        acc_plus = sum(len(pair) == 2 and all(pair) for pair in pairs) / len(pairs)
+        score = 0.0
+        score += acc * 100
+        score += acc_plus * 100
+        out[task] = {"acc": acc * 100, "acc_plus": acc_plus * 100, "score": score, "n": len(oks)}
     return out
 
 
@@ -150,7 +192,11 @@ class MME(Benchmark):
     columns = (Column("perception", "MME", scale=1.0),)
     default_split = "test"
     download = "`MME_Benchmark_release_version/` from the MME authors (BradyFU/Awesome-Multimodal-Large-Language-Models, Evaluation branch)."
-    metric_note = "perception score = sum over the 10 perception subtasks of acc + acc+ (max 2000); cognition likewise over 4 subtasks (max 800)"
+    metric_note = (
+        "MME calculation.py on LLaVA's converted lines: yes/no read from the first 4 characters; perception "
+        "score = sum over the 10 perception subtasks of acc + acc+ (questions paired two by two, max 2000); "
+        "cognition likewise over 4 subtasks (max 800)"
+    )
 
     def recognises(self, root: Path) -> bool:
         return sum((root / task).is_dir() for task in (*MME_PERCEPTION, *MME_COGNITION)) >= 1
@@ -168,7 +214,11 @@ class MME(Benchmark):
                 qa_dir, img_dir = folder / "questions_answers_YN", folder / "images"
             else:
                 qa_dir = img_dir = folder
-            stems = {p.stem: p for p in img_dir.iterdir() if p.suffix in _IMAGE_SUFFIXES} if img_dir.is_dir() else {}
+            stems = (
+                {p.stem: p for p in img_dir.iterdir() if p.suffix in _IMAGE_SUFFIXES}
+                if img_dir.is_dir()
+                else {}
+            )
             for txt in sorted(qa_dir.glob("*.txt")):
                 image = stems.get(txt.stem, img_dir / f"{txt.stem}.jpg")
                 for line, raw in enumerate(read_text(txt).splitlines(), start=1):
@@ -183,20 +233,56 @@ class MME(Benchmark):
                     if answer not in ("yes", "no"):
                         problems.add(at, f"answer must be Yes or No, got {parts[-1].strip()!r}")
                         continue
-                    items.append(Item(f"{task}/{image.name}#{line}", with_prompt(parts[0].strip(), PROMPT_SHORT), [image],
-                                      {"answer": answer, "task": task, "image": image.name}, {"at": at}))
+                    items.append(
+                        Item(
+                            f"{task}/{image.name}#{line}",
+                            with_prompt(parts[0].strip(), PROMPT_SHORT),
+                            [image],
+                            {"answer": answer, "task": task, "image": image.name},
+                            {"at": at},
+                        )
+                    )
         if not items and not problems.messages:
-            raise DataError(f"{root}: no MME question files (<subtask>/*.txt or <subtask>/questions_answers_YN/*.txt)")
+            raise DataError(
+                f"{root}: no MME question files (<subtask>/*.txt or <subtask>/questions_answers_YN/*.txt)"
+            )
         notes = [f"subtask folder(s) not found, left out of the sums: {', '.join(absent)}"] if absent else []
         return LoadResult(dedupe(items, problems), split or "test", problems.messages, notes)
 
-    def score(self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True) -> dict[str, Any]:
+    def score(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
+    ) -> dict[str, Any]:
+        """calculation.py on the lines LLaVA's convert_answer_to_mme.py writes (items in question-file
+        order, so each image's two questions are consecutive). A missing answer is a wrong line here
+        (LLaVA's converter would leave the line out and shift the pairs after it). The perception and
+        cognition sums run over the subtasks present, in calculation.py's order."""
         preds = texts(items, predictions)
-        correct = [p is not None and mme_answer(p) == item.answer["answer"] for item, p in zip(items, preds, strict=True)]
-        per = mme_scores([i.answer["task"] for i in items], [i.answer["image"] for i in items], correct)
-        perception = sum(v["score"] for k, v in per.items() if k in MME_PERCEPTION)
-        cognition = sum(v["score"] for k, v in per.items() if k in MME_COGNITION)
+        correct = [
+            p is not None and mme_answer(p) == item.answer["answer"]
+            for item, p in zip(items, preds, strict=True)
+        ]
+        per = mme_scores([i.answer["task"] for i in items], correct)
+        perception = 0.0
+        for task in MME_PERCEPTION:
+            perception += per[task]["score"] if task in per else 0.0
+        cognition = 0.0
+        for task in MME_COGNITION:
+            cognition += per[task]["score"] if task in per else 0.0
+        warnings = []
+        broken = sum(p is not None and mme_line_breaks(p) for p in preds)
+        if broken:
+            warnings.append(
+                f"{broken} answer(s) hold a tab or line break: MME's calculation.py would stop on LLaVA's "
+                "converted line; they are read as if the line were whole (only the first 4 characters count)"
+            )
+        odd = sorted(task for task, v in per.items() if v["n"] % 2)
+        if odd:
+            warnings.append(
+                f"subtask(s) with an odd number of questions ({', '.join(odd)}): calculation.py pairs lines "
+                "two by two and would stop; the last question forms a pair of one"
+            )
         return {
             "metrics": {"perception": perception, "cognition": cognition, "total": perception + cognition},
             "breakdown": {"subtask": per},
+            "warnings": warnings,
         }
