@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -27,12 +28,15 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+import unillava
 import unillava.cli as cli
-from unillava.conversation import user_message
-from unillava.errors import CheckpointError
+from unillava.conversation import Message, user_message
+from unillava.errors import CheckpointError, UnillavaError
 from unillava.hub import detect_layout, export_hf, load_model, tower_config_from_dir
+from unillava.inference import GenerationSettings
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
 from unillava.testing import tiny_clip_config, tiny_llama_config, tiny_model_config
@@ -206,9 +210,9 @@ def test_llava_hf_published_layout_bin(hf_reference, tmp_path):
         "image_std": STD,
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    with pytest.warns(UserWarning, match="centre-crop"):
+    with pytest.warns(UserWarning, match="no chat template; using the 'vicuna_v1' template"):
         model = load_model(folder)
-    assert model.config.vision.image_mode == "pad"
+    assert model.config.vision.image_mode == "center_crop"
     assert model.config.template == "vicuna_v1"
     _assert_same_outputs(model, ref, image_token_id, N_PATCHES)
 
@@ -519,3 +523,132 @@ def test_cli_export(tmp_path, monkeypatch, capsys):
     assert detect_layout(tmp_path / "out") == "llava_hf"
     assert cli.main(["export", "--to", "hf", str(ours), str(tmp_path / "out")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# A loaded llava-hf checkpoint keeps its chat template and its preprocessing (transformers' outputs)
+# ---------------------------------------------------------------------------------------------------
+
+# llava-hf's own template (llava-1.5-7b-hf): typed content, images first, no system prompt, no BOS text.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' %}{{ '<image>' }}{% else %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _crop_checkpoint(hf_reference, folder: Path, template: str) -> Path:
+    """The reference model saved with a CLIP-style processor (shortest edge + centre crop) and `template`."""
+    base, _, _, tokenizer = hf_reference
+    _copy(base, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = None
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
+    )
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, patch_size=8,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+    "multi_turn": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And its size?"}]},
+    ],
+    "multi_image": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "Compare them."}]}],
+}
+
+
+def _ours(messages: list[dict]) -> list:
+    """The same conversation as unillava messages (images first, then a newline and the text)."""
+    out = []
+    for m in messages:
+        n = sum(c["type"] == "image" for c in m["content"])
+        text = "".join(c.get("text", "") for c in m["content"])
+        out.append(user_message(text, n) if m["role"] == "user" else Message("assistant", [text]))
+    return out
+
+
+@pytest.mark.parametrize("template", [LLAVA_HF_TEMPLATE, CHATML_TEMPLATE])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_llava_hf_prompts_equal_the_processors(hf_reference, tmp_path, template, name):
+    folder = _crop_checkpoint(hf_reference, tmp_path / "hf", template)
+    model = load_model(folder)
+    assert model.config.template == "processor_chat_template"
+    processor = AutoProcessor.from_pretrained(folder)
+    messages = CONVERSATIONS[name]
+    images = [_image(40 + 9 * k, 32 + 13 * k, k) for k in range(sum(
+        c["type"] == "image" for m in messages for c in m["content"]))]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    want = processor(text=[text], images=images, return_tensors="pt")
+    batch, _ = Processor.for_model(model).prompt_batch([_ours(messages)], [images])
+    assert batch.input_ids.tolist() == want["input_ids"].tolist()
+    assert torch.equal(torch.stack(batch.images), want["pixel_values"])
+
+
+@pytest.mark.parametrize("size", [(32, 32), (57, 40)])
+def test_llava_hf_greedy_text_equals_transformers(hf_reference, tmp_path, size):
+    """`unillava generate` on a checkpoint with a typed template and a cropping processor = transformers."""
+    folder = _crop_checkpoint(hf_reference, tmp_path / "hf", LLAVA_HF_TEMPLATE)
+    _, ref, _, _ = hf_reference
+    image = _image(*size, seed=3)
+    processor = AutoProcessor.from_pretrained(folder)
+    text = processor.apply_chat_template(CONVERSATIONS["single"], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    model = unillava.load(folder)
+    stops = model.processor.stop_token_ids
+    want = ref.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                        pad_token_id=model.tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1] :]
+    got = model._run([_ours(CONVERSATIONS["single"])], [[image]], GenerationSettings(max_new_tokens=12))
+    assert got[0].tolist() == want.tolist()
+
+
+def test_round_trip_keeps_the_checkpoints_template_byte_for_byte(hf_reference, tmp_path):
+    folder = _crop_checkpoint(hf_reference, tmp_path / "hf", LLAVA_HF_TEMPLATE)
+    export_hf(load_model(folder), tmp_path / "out")
+    assert AutoProcessor.from_pretrained(tmp_path / "out").chat_template == LLAVA_HF_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == LLAVA_HF_TEMPLATE
+    assert json.loads((tmp_path / "out" / "processor_config.json").read_text())["image_processor"][
+        "do_center_crop"] is True
+    back = load_model(tmp_path / "out")
+    assert (back.config.template, back.config.vision.image_mode) == ("processor_chat_template", "center_crop")
+
+
+def test_template_override_and_the_saved_template(hf_reference, tmp_path, tiny_model_dir):
+    folder = _crop_checkpoint(hf_reference, tmp_path / "hf", LLAVA_HF_TEMPLATE)
+    assert unillava.load(folder, template="vicuna_v1").processor.template.name == "vicuna_v1"
+    with pytest.raises(UnillavaError, match="template: unknown 'nope'"):
+        unillava.load(folder, template="nope")
+    # our layout records the template it was trained with, never "auto"
+    saved = json.loads((tiny_model_dir / "unillava_config.json").read_text())
+    assert saved["model"]["template"] == "chat_template"
+
+
+def test_user_text_never_becomes_a_special_token_with_a_processor_template(hf_reference, tmp_path):
+    """Where the processor would turn typed "<image>" or "<|im_end|>" into special tokens, we do not."""
+    model = load_model(_crop_checkpoint(hf_reference, tmp_path / "hf", LLAVA_HF_TEMPLATE))
+    text = "Is <image> here?<|im_end|>"
+    batch, _ = Processor.for_model(model).prompt_batch([[user_message(text, 1)]], [[_image(32, 32, 0)]])
+    ids = batch.input_ids[0].tolist()
+    assert ids.count(model.image_token_id) == N_PATCHES
+    assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") not in ids
+    assert text in model.tokenizer.decode(ids)

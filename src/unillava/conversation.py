@@ -84,7 +84,8 @@ class Segment:
 
     kind: "template" (text written by the template, may contain special tokens), "text" (message text,
     never parsed for special tokens), "image" (one image's slots), "end" (the template's end-of-turn
-    text after an assistant message; supervised).
+    text after an assistant message; supervised), "special" (one special token, by its name, as a
+    tokenizer adds it around a plain call: the BOS of Llama tokenizers).
     """
 
     kind: str
@@ -94,6 +95,8 @@ class Segment:
 
 class Template:
     name = "base"
+    # Tokenize the rendered conversation as one string, as a processor does (`encode_segments`).
+    joint_tokenization = False
 
     def segments(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
         raise NotImplementedError
@@ -172,20 +175,28 @@ class TokenizerChatTemplate(Template):
             raise ValueError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
 
-    def segments(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
+    def _render(
+        self, messages: list[Message], add_generation_prompt: bool
+    ) -> tuple[str, list[tuple[str, list[Segment]]]]:
+        """The rendered string with sentinel k standing for `pieces[k]`: (the role it belongs to, segments)."""
         rendered = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)],
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
-        pieces = _SENTINEL_RE.split(rendered)
+        return rendered, [(m.role, _content_segments(m)) for m in messages]
+
+    def _template_text(self, text: str) -> list[Segment]:
+        return [Segment("template", text)]
+
+    def segments(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
+        rendered, pieces = self._render(messages, add_generation_prompt)
         out: list[Segment] = []
         previous_role = ""
-        for k, piece in enumerate(pieces):
+        for k, piece in enumerate(_SENTINEL_RE.split(rendered)):
             if k % 2 == 1:
-                message = messages[int(piece)]
-                out += _content_segments(message)
-                previous_role = message.role
+                previous_role, segments = pieces[int(piece)]
+                out += segments
                 continue
             if not piece:
                 continue
@@ -195,8 +206,67 @@ class TokenizerChatTemplate(Template):
                     out.append(Segment("end", end))
                     piece = piece[len(end) :]
             if piece:
-                out.append(Segment("template", piece))
+                out += self._template_text(piece)
             previous_role = ""
+        return out
+
+
+class ProcessorChatTemplate(TokenizerChatTemplate):
+    """A multimodal processor's chat template (llava-hf): content is a list of `{"type": "image"}` and
+    `{"type": "text", "text": ...}` entries and the template itself writes the image token.
+
+    The prompt is what `processor.apply_chat_template` + `processor(text=...)` build: each text entry is a
+    sentinel, the image token the template writes becomes an image slot, and the special tokens the
+    tokenizer adds to a plain call (a BOS for Llama tokenizers) come first. A text part that follows an
+    image slot loses the newline our messages put there (`user_message`, LLaVA data): the template writes
+    its own separator after the image, as transformers' typed messages carry none.
+    """
+
+    name = "processor_chat_template"
+    joint_tokenization = True
+
+    def __init__(self, tokenizer, image_token: str):
+        super().__init__(tokenizer)
+        self.image_token = image_token
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        n = len(with_special) - len(plain)
+        start = next((i for i in range(n + 1) if with_special[i : i + len(plain)] == plain), 0)
+        self.prefix_ids = with_special[:start]
+
+    def _render(
+        self, messages: list[Message], add_generation_prompt: bool
+    ) -> tuple[str, list[tuple[str, list[Segment]]]]:
+        pieces: list[tuple[str, list[Segment]]] = []
+        rendered_messages = []
+        for message in messages:
+            content: list[dict[str, str]] = []
+            after_image = False
+            for part in message.content:
+                if isinstance(part, ImageSlot):
+                    content.append({"type": "image"})
+                    after_image = True
+                    continue
+                text = part[1:] if after_image and part.startswith("\n") else part
+                after_image = False
+                if text:
+                    content.append({"type": "text", "text": _SENTINEL.format(len(pieces))})
+                    pieces.append((message.role, [Segment("text", text, message.role)]))
+            rendered_messages.append({"role": message.role, "content": content})
+        rendered = self.tokenizer.apply_chat_template(
+            rendered_messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        prefix = "".join(_SENTINEL.format(len(pieces) + i) for i in range(len(self.prefix_ids)))
+        pieces += [("", [Segment("special", self.tokenizer.convert_ids_to_tokens(i))]) for i in self.prefix_ids]
+        return prefix + rendered, pieces
+
+    def _template_text(self, text: str) -> list[Segment]:
+        out: list[Segment] = []
+        for k, piece in enumerate(text.split(self.image_token)):
+            if k:
+                out.append(Segment("image"))
+            if piece:
+                out.append(Segment("template", piece))
         return out
 
 
@@ -211,22 +281,63 @@ def _split_end_of_turn(piece: str) -> str:
     return piece[: best + best_len] if best >= 0 and not piece[:best].strip() else ""
 
 
-TEMPLATE_NAMES = ("auto", "chat_template", "vicuna_v1", "plain")
+TEMPLATE_NAMES = ("auto", "chat_template", "processor_chat_template", "vicuna_v1", "plain")
 
 
-def get_template(name: str, tokenizer) -> Template:
-    """`auto` uses the tokenizer's chat template when it has one, else `vicuna_v1`."""
+def resolve_template_name(name: str, tokenizer) -> str:
+    """`auto` is the tokenizer's chat template when it has one, else `vicuna_v1`; other names stay."""
+    if name == "auto":
+        return "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    return name
+
+
+def get_template(name: str, tokenizer, image_token: str = IMAGE_MARKER) -> Template:
+    """The template called `name` (see `resolve_template_name` for `auto`)."""
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
-    if name == "auto":
-        name = "chat_template" if getattr(tokenizer, "chat_template", None) else "vicuna_v1"
+    name = resolve_template_name(name, tokenizer)
     if name == "chat_template":
         return TokenizerChatTemplate(tokenizer)
+    if name == "processor_chat_template":
+        return ProcessorChatTemplate(tokenizer, image_token)
     if name == "vicuna_v1":
         return VicunaV1(bos, eos)
     if name == "plain":
         return Plain(eos)
     raise ConfigError(f"template: unknown {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+
+
+def _encode_joint(
+    segments: list[Segment], tokenizer, image_token_id: int, image_token_counts: list[int]
+) -> Encoded | None:
+    """`encode_segments(joint=True)`; None where piecewise tokenization must be used instead."""
+    if not getattr(tokenizer, "is_fast", False) or len(
+        [s for s in segments if s.kind == "image"]
+    ) != len(image_token_counts):
+        return None
+    image_text = tokenizer.convert_ids_to_tokens(image_token_id)
+    text, owners = "", []  # owners[i]: the segment that wrote character i
+    for segment in segments:
+        piece = image_text if segment.kind == "image" else segment.text
+        text += piece
+        owners += [segment] * len(piece)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids) | {image_token_id}
+    input_ids: list[int] = []
+    labels: list[int] = []
+    counts = iter(image_token_counts)
+    for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        owner = owners[end - 1] if end > start else owners[start]
+        if token in special and owner.kind == "text":
+            return None
+        if token == image_token_id:
+            input_ids += [image_token_id] * next(counts)
+            labels += [IGNORE_INDEX] * (len(input_ids) - len(labels))
+            continue
+        supervised = (owner.kind == "text" and owner.role == "assistant") or owner.kind == "end"
+        input_ids.append(token)
+        labels.append(token if supervised else IGNORE_INDEX)
+    return Encoded(input_ids, labels, len(image_token_counts))
 
 
 def _merge_template_runs(segments: list[Segment]) -> list[Segment]:
@@ -248,14 +359,23 @@ class Encoded:
 
 
 def encode_segments(
-    segments: list[Segment], tokenizer, image_token_id: int, image_token_counts: list[int]
+    segments: list[Segment], tokenizer, image_token_id: int, image_token_counts: list[int], joint: bool = False
 ) -> Encoded:
     """Token ids and labels for rendered segments.
 
     Labels come from the segment kinds, never from counting tokens: assistant text and the end-of-turn
     after it are supervised, everything else is IGNORE_INDEX. Message text is tokenized with
     `split_special_tokens=True`, so a user typing "<|im_end|>" or "<image>" gets plain text tokens.
+
+    `joint`: tokenize the whole rendered string at once, as `processor(text=...)` does, so merges across
+    a template/text boundary (" A" after "ASSISTANT:") come out as the processor's. A token is supervised
+    when its last character is; a conversation whose text would yield a special token falls back to the
+    piecewise tokenization above, so user text still never becomes a special token or an image slot.
     """
+    if joint:
+        encoded = _encode_joint(segments, tokenizer, image_token_id, image_token_counts)
+        if encoded is not None:
+            return encoded
     input_ids: list[int] = []
     labels: list[int] = []
     images = 0
@@ -271,6 +391,9 @@ def encode_segments(
         elif segment.kind == "text":
             ids = tokenizer(segment.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             supervised = segment.role == "assistant"
+        elif segment.kind == "special":
+            ids = [tokenizer.convert_tokens_to_ids(segment.text)]
+            supervised = False
         else:
             ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
             supervised = segment.kind == "end"

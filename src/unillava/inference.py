@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from unillava.conversation import ImageSlot, Message, user_message
+from unillava.conversation import TEMPLATE_NAMES, ImageSlot, Message, user_message
 from unillava.data.images import load_image
 from unillava.errors import UnillavaError
 from unillava.modeling import LlavaModel
@@ -259,8 +259,12 @@ def _image_list(entry: Any) -> list[ImageInput]:
     return list(entry)
 
 
-def load(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu") -> InferenceModel:
-    """Load any supported layout (ours, llava-hf, original LLaVA) for inference."""
+def load(
+    path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu", template: str | None = None
+) -> InferenceModel:
+    """Load any supported layout (ours, llava-hf, original LLaVA) for inference.
+
+    The prompt format is the checkpoint's own (docs/templates.md); `template` overrides it by name."""
     from unillava.hub import load_model
 
     if isinstance(dtype, str):
@@ -268,4 +272,8 @@ def load(path: str | Path, *, dtype: str | torch.dtype = "float32", device: str 
             raise UnillavaError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         dtype = getattr(torch, dtype)
     model = load_model(path, dtype=dtype)
+    if template is not None:
+        if template not in TEMPLATE_NAMES:
+            raise UnillavaError(f"template: unknown {template!r}; known: {', '.join(TEMPLATE_NAMES)}")
+        model.config.template = template
     return InferenceModel(model.to(device))

@@ -110,7 +110,7 @@ class Processor:
         )
         return cls(
             model.tokenizer,
-            get_template(template or config.template, model.tokenizer),
+            get_template(template or config.template, model.tokenizer, config.image_token),
             preprocessor,
             model.vision_tower,
             model.image_token_id,
@@ -137,7 +137,9 @@ class Processor:
         if self.system_prompt is not None and (not messages or messages[0].role != "system"):
             messages = [Message("system", [self.system_prompt]), *messages]
         segments = self.template.segments(messages, add_generation_prompt=add_generation_prompt)
-        return encode_segments(segments, self.tokenizer, self.image_token_id, counts)
+        return encode_segments(
+            segments, self.tokenizer, self.image_token_id, counts, joint=self.template.joint_tokenization
+        )
 
     def collate(self, encoded: list[Encoded], images: list[list[torch.Tensor]], padding_side: str) -> Batch:
         """Pad to the longest sequence; images of all samples are flattened in sample order."""

@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from unillava.cli.prompt_flags import NO_PROMPTS, add_prompt_flags, parse_prompt, prompts_from_flags
+from unillava.cli.template_flag import add_template_flag
 from unillava.errors import ConfigError, UnillavaError
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_template_flag(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     images = [load_image(path) for path in args.image]
     prompts = prompts_from_flags(args.visual_prompts, images)
-    model = unillava.load(args.model, dtype=args.dtype)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
     if prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     result: dict = {}
@@ -114,7 +116,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     pending = [load_image(path) for path in args.image]
     pending_prompts = prompts_from_flags(args.visual_prompts, pending)
-    model = unillava.load(args.model, dtype=args.dtype)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
     if pending_prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     history: list[Message] = []

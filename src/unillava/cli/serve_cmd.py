@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
 
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--default-max-tokens", type=int, default=512, help="max_tokens when a request gives none")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the model (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_template_flag(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
@@ -60,7 +62,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UnillavaError("--request-timeout and --max-body-mb must be positive")
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    model = unillava.load(args.model, dtype=args.dtype, device=args.device)
+    model = unillava.load(args.model, dtype=args.dtype, device=args.device, template=args.template)
     config = ServerConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key,

@@ -24,7 +24,14 @@ from transformers import AutoTokenizer, LlavaConfig, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from unillava.config import CLIP_MEAN, CLIP_STD, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
-from unillava.conversation import VICUNA_SYSTEM, Message, TokenizerChatTemplate
+from unillava.conversation import (
+    VICUNA_SYSTEM,
+    ImageSlot,
+    Message,
+    ProcessorChatTemplate,
+    TokenizerChatTemplate,
+    resolve_template_name,
+)
 from unillava.errors import CheckpointError, UnillavaError
 from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
@@ -243,25 +250,42 @@ def load_tokenizer(path: Path, what: str) -> Any:
         ) from None
 
 
-def pick_template(tokenizer: Any) -> str:
-    """The template a checkpoint implies: the one our export recorded, else a usable chat template, else vicuna_v1.
+def pick_template(tokenizer: Any, image_token: str = "<image>", *, source: str, documented: bool = False) -> str:
+    """The template a checkpoint ships: the one our export recorded, else its chat template (plain-string
+    content: `chat_template`; a processor's typed content, as llava-hf has: `processor_chat_template`).
 
-    A chat template only counts when it renders plain-string messages: llava-hf processors store
-    templates that expect `[{"type": ...}]` content, which our templates do not produce.
+    A checkpoint without a usable chat template gets LLaVA-1.5's vicuna_v1: silently where that is the
+    layout's documented format (`documented`: original LLaVA's conv_mode), else with a warning naming it.
     """
     text = getattr(tokenizer, "chat_template", None)
-    if not isinstance(text, str) or not text:
-        return "vicuna_v1"
-    marker = re.search(re.escape(TEMPLATE_MARKER) + r"\s*(\w+)", text)
-    if marker and marker.group(1) in ("vicuna_v1", "plain"):
-        return marker.group(1)
-    probe = [Message("user", ["probe question"]), Message("assistant", ["probe answer"])]
+    if isinstance(text, str) and text:
+        marker = re.search(re.escape(TEMPLATE_MARKER) + r"\s*(\w+)", text)
+        if marker and marker.group(1) in ("vicuna_v1", "plain"):
+            return marker.group(1)
+        if _renders(TokenizerChatTemplate(tokenizer), [Message("user", ["probe question"])]):
+            return "chat_template"
+        if _renders(ProcessorChatTemplate(tokenizer, image_token), [Message("user", [ImageSlot(), "\nprobe question"])],
+                    image=True):
+            return "processor_chat_template"
+        reason = "its chat template renders neither plain-string nor typed (processor) messages"
+    else:
+        reason = "it has no chat template"
+    if not documented:
+        warnings.warn(f"{source}: {reason}; using the 'vicuna_v1' template (choose another with --template)",
+                      stacklevel=3)
+    return "vicuna_v1"
+
+
+def _renders(template: TokenizerChatTemplate, probe: list[Message], image: bool = False) -> bool:
+    """Whether `template` places our probe text (and image) and the assistant's answer in a prompt."""
+    messages = [*probe, Message("assistant", ["probe answer"])]
     try:
-        segments = TokenizerChatTemplate(tokenizer).segments(probe, add_generation_prompt=False)
-    except Exception:  # any failure to render means the template is unusable for string content
-        return "vicuna_v1"
+        segments = template.segments(messages, add_generation_prompt=False)
+    except Exception:  # any failure to render means the template does not take this kind of message
+        return False
     texts = {s.text for s in segments if s.kind == "text"}
-    return "chat_template" if {"probe question", "probe answer"} <= texts else "vicuna_v1"
+    has_image = any(s.kind == "image" for s in segments)
+    return {"probe question", "probe answer"} <= texts and has_image == image
 
 
 def preprocessing_from_image_processor(
@@ -270,8 +294,7 @@ def preprocessing_from_image_processor(
     """(image size, our image_mode, mean, std) from a transformers image-processor config.
 
     `do_pad` -> "pad" (LLaVA-1.5's expand-to-square); a square resize without crop -> "resize"; a
-    shortest-edge resize plus centre crop (CLIPImageProcessor) -> "center_crop", which has no equivalent
-    in unillava: callers choose a substitute (see `crop_substitute`).
+    shortest-edge resize plus centre crop (CLIPImageProcessor) -> "center_crop".
     """
     mean = list(data.get("image_mean") or CLIP_MEAN)
     std = list(data.get("image_std") or CLIP_STD)
@@ -299,17 +322,6 @@ def preprocessing_from_image_processor(
     else:
         mode = "center_crop"
     return int(size), mode, mean, std
-
-
-def crop_substitute(source: str) -> str:
-    """unillava has no centre-crop mode: pad to a square instead (it keeps the whole image, equals the
-    crop for square images, and is what LLaVA-1.5 trained with), and say so."""
-    warnings.warn(
-        f"{source}: the checkpoint's preprocessing resizes the shortest edge and centre-crops; unillava has "
-        "no crop mode and pads images to a square instead (identical for square images)",
-        stacklevel=3,
-    )
-    return "pad"
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -366,6 +378,19 @@ def _processor_settings(path: Path) -> tuple[dict[str, Any], dict[str, Any] | No
     return processor, image
 
 
+def _processor_chat_template(path: Path, processor: dict[str, Any]) -> str | None:
+    """The processor's chat template where the tokenizer has none: `chat_template.jinja`, the older
+    `chat_template.json` ({"chat_template": ...}) or a field of processor_config.json."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        template = read_json(path / "chat_template.json").get("chat_template")
+        if isinstance(template, str):
+            return template
+    template = processor.get("chat_template")
+    return template if isinstance(template, str) else None
+
+
 def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
     """Read a llava-hf directory (config.json with `LlavaForConditionalGeneration`) into a `LlavaModel`.
 
@@ -406,9 +431,9 @@ def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Llava
         raise CheckpointError(
             f"{path}: the image processor makes {size}px images but the CLIP tower takes {vision_hf.image_size}px"
         )
-    if mode == "center_crop":
-        mode = crop_substitute(str(path))
     tokenizer = load_tokenizer(path, "llava-hf checkpoint")
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = _processor_chat_template(path, processor)
     image_token = processor.get("image_token") or "<image>"
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     if image_token not in tokenizer.get_vocab() or token_id != hf.image_token_index:
@@ -433,7 +458,7 @@ def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Llava
         ),
         projector=ProjectorConfig(type="mlp2x_gelu"),
         llm=LLMConfig(pretrained=None, hf_config=None, tokenizer=None),
-        template=pick_template(tokenizer),
+        template=pick_template(tokenizer, image_token, source=str(path)),
         image_token=image_token,
         max_length=int(getattr(hf.text_config, "max_position_embeddings", None) or 2048),
     )
@@ -518,10 +543,7 @@ def processor_chat_template(template: str, tokenizer: Any, image_token: str) -> 
 
 
 def _resolved_template(model: LlavaModel) -> str:
-    name = model.config.template
-    if name == "auto":
-        return "chat_template" if getattr(model.tokenizer, "chat_template", None) else "vicuna_v1"
-    return name
+    return resolve_template_name(model.config.template, model.tokenizer)
 
 
 def _hub_key(key: str) -> str:
@@ -594,9 +616,10 @@ def export_hf(
             "llava-hf layout: transformers' LlavaForConditionalGeneration (and vLLM, SGLang, llama.cpp, which "
             "read that layout) only represent a CLIP tower with an mlp2x_gelu projector"
         )
-    if config.vision.image_mode not in ("pad", "resize"):
+    if config.vision.image_mode not in ("pad", "resize", "center_crop"):
         raise CheckpointError(
-            f"cannot export image_mode {config.vision.image_mode!r}: the llava image processor only pads or resizes"
+            f"cannot export image_mode {config.vision.image_mode!r}: the llava image processor pads, resizes or "
+            "centre-crops to one square size"
         )
     language_model = model.language_model
     if getattr(language_model, "base_model_prefix", None) != "model" or not hasattr(language_model, "model"):
@@ -635,10 +658,11 @@ def export_hf(
     if generation_config is not None:
         generation_config.save_pretrained(str(out))
 
+    crop = config.vision.image_mode == "center_crop"
     image_processor = LlavaImageProcessorPil(
         do_resize=True,
-        size={"height": size, "width": size},
-        do_center_crop=False,
+        size={"shortest_edge": size} if crop else {"height": size, "width": size},
+        do_center_crop=crop,
         crop_size={"height": size, "width": size},
         do_pad=config.vision.image_mode == "pad",
         image_mean=list(config.vision.image_mean),
@@ -647,7 +671,11 @@ def export_hf(
         do_convert_rgb=True,
     )
     tokenizer = copy.deepcopy(model.tokenizer)
-    chat_template = processor_chat_template(_resolved_template(model), model.tokenizer, config.image_token)
+    template = _resolved_template(model)
+    if template == "processor_chat_template":  # already the processor's own: written back unchanged
+        chat_template = model.tokenizer.chat_template
+    else:
+        chat_template = processor_chat_template(template, model.tokenizer, config.image_token)
     tokenizer.chat_template = chat_template
     processor = LlavaProcessor(
         image_processor=image_processor,

@@ -30,7 +30,6 @@ from unillava.hub.llava_hf import (
     PREPROCESSOR_CONFIG,
     PROCESSOR_CONFIG,
     assemble,
-    crop_substitute,
     has_weights,
     load_tokenizer,
     pick_template,
@@ -233,7 +232,7 @@ def _image_mode(path: Path, config: dict[str, Any]) -> str:
         raise CheckpointError(
             f"{path}/config.json: image_aspect_ratio {aspect!r} is LLaVA-NeXT's tiling, which unillava does not support"
         )
-    return crop_substitute(f"{path}/config.json (image_aspect_ratio {aspect!r})")
+    return "center_crop"  # LLaVA's CLIPImageProcessor: shortest-edge resize, then the centre crop
 
 
 def load_original_llava(
@@ -301,7 +300,7 @@ def load_original_llava(
         vision=vision,
         projector=ProjectorConfig(type=str(config.get("mm_projector_type", "linear"))),
         llm=LLMConfig(pretrained=None, hf_config=None, tokenizer=None),
-        template=pick_template(tokenizer),
+        template=pick_template(tokenizer, source=str(path), documented=True),  # LLaVA-1.5's conv_mode vicuna_v1
         image_token="<image>",
         max_length=int(
             config.get("tokenizer_model_max_length") or llm_hf.get("max_position_embeddings") or 2048
