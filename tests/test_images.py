@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from unillava.data.images import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image, to_rgb
 from unillava.errors import ConfigError, DataError
@@ -158,14 +158,18 @@ def test_directory(tmp_path: Path) -> None:
     assert "directory" in _error(tmp_path)
 
 
+@pytest.mark.parametrize("pil_accepts_truncated", [False, True])
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_truncated_file(tmp_path: Path, fmt: str) -> None:
+def test_truncated_file(tmp_path: Path, fmt: str, pil_accepts_truncated: bool, monkeypatch) -> None:
+    """Refused even where another library (lmms-eval does, at import) switched PIL's global flag on."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", pil_accepts_truncated)
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
     data = _bytes(noise, fmt)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) // 2])
     message = _error(path)
     assert path.name in message and "truncated" in message
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is pil_accepts_truncated
 
 
 def test_text_file_named_png(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from unillava.data.llava_format import (
     ConversationFile,
     RecordError,
     apply_response_format,
+    merge_turns,
     parse_record,
 )
 from unillava.errors import ConfigError, DataError
@@ -280,3 +281,31 @@ def test_apply_response_format_after_trailing_image_and_unknown_kind() -> None:
     assert option.messages[0].content == ["Which?\n", ImageSlot(), "\n" + RESPONSE_FORMATS["option"]]
     with pytest.raises(ConfigError, match="unknown 'long'"):
         apply_response_format(parse_record(record, source="t:1"), "long")
+
+
+def _qa(i: int, image: str | None, question: str, answer: str) -> dict:
+    record = {"id": i, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                         {"from": "gpt", "value": answer}]}
+    if image is not None:
+        record["image"] = image
+    return record
+
+
+def test_merge_turns_groups_one_images_questions_and_keeps_the_rest() -> None:
+    records = [_qa(0, "a.png", "q0", "a0"), _qa(1, "b.png", "q1", "a1"), _qa(2, "a.png", "q2", "a2"),
+               _qa(3, "a.png", "q3", "a3"), _qa(4, None, "text only", "t")]
+    merged = merge_turns(records, max_turns=2, seed=-1)
+    by_id = {r["id"]: r for r in merged}
+    assert set(by_id) == {"0+2", "3", "1", 4}
+    turns = by_id["0+2"]["conversations"]
+    assert [t["value"] for t in turns] == ["<image>\nq0", "a0", "q2", "a2"]
+    assert by_id["0+2"]["image"] == "a.png" and by_id[4] is records[4]
+    answers = sorted(t["value"] for r in merged for t in r["conversations"] if t["from"] == "gpt")
+    assert answers == ["a0", "a1", "a2", "a3", "t"]  # nothing lost or duplicated
+    shuffled = merge_turns(records, max_turns=3, seed=1)
+    assert len(shuffled) == 3
+    assert sorted(t["value"] for r in shuffled for t in r["conversations"] if t["from"] == "gpt") == answers
+    assert all(r["conversations"][0]["value"].startswith("<image>") for r in shuffled if "image" in r)
+    assert all("<image>" not in t["value"] for r in shuffled for t in r["conversations"][1:])
+    with pytest.raises(ConfigError, match="max_turns"):
+        merge_turns(records, max_turns=0)

@@ -9,13 +9,16 @@ costs one line in a report instead of a crash deep inside a data loader worker.
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from unillava.errors import ConfigError, DataError
 
@@ -23,8 +26,8 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MAX_PIXELS = 64_000_000
 
-PreprocessMode = Literal["pad", "resize", "any"]
-PREPROCESS_MODES: tuple[str, ...] = ("pad", "resize", "any")
+PreprocessMode = Literal["pad", "resize", "center_crop", "any"]
+PREPROCESS_MODES: tuple[str, ...] = ("pad", "resize", "center_crop", "any")
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -66,7 +69,8 @@ def load_image(
         img = _open_checked(stream, label, max_pixels)
         with img:
             try:
-                img.load()
+                with _truncated_images_refused():
+                    img.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
                 raise DataError(f"{label}: image too large, possible decompression bomb ({err})") from err
             except _DECODE_ERRORS as err:
@@ -78,6 +82,22 @@ def load_image(
             raise DataError(
                 f"{label}: cannot convert image mode {img.mode} to RGB ({_one_line(err)})"
             ) from err
+
+
+_TRUNCATION_FLAG_LOCK = threading.Lock()
+
+
+@contextmanager
+def _truncated_images_refused() -> Iterator[None]:
+    """Decode with PIL's process-wide `LOAD_TRUNCATED_IMAGES` off: libraries (lmms-eval among them) switch it
+    on at import, which would turn a truncated download into an image with a grey lower half."""
+    with _TRUNCATION_FLAG_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _open_checked(stream: Any, label: str, max_pixels: int) -> Image.Image:
@@ -171,6 +191,9 @@ class ImagePreprocessor:
     - `pad` (LLaVA-1.5's expand2square): pad to a square with the mean colour, centred, then resize to
       size x size, so nothing is cropped and the aspect ratio survives.
     - `resize`: stretch to size x size.
+    - `center_crop` (CLIPImageProcessor, the llava-hf checkpoints' processor): resize the shortest edge to
+      `size` (the long edge to int(size * long / short)), then crop the centre size x size, as transformers'
+      PIL backend does (bicubic, top/left offsets rounded down).
     - `any` (ConvLLaVA-style variable resolution): keep the aspect ratio with the short side at `size`; both
       sides are rounded to the nearest multiple of `multiple_of` (the patch or stride size). If the long side
       would exceed `max_long_side`, the whole image is scaled down so the long side fits instead (the short
@@ -239,6 +262,8 @@ class ImagePreprocessor:
             img = expand_to_square(img, self.pad_color).resize(
                 (self.size, self.size), Image.Resampling.BICUBIC
             )
+        elif self.mode == "center_crop":
+            img = shortest_edge_center_crop(img, self.size)
         else:
             out_h, out_w = self.output_size(*img.size)
             if img.size != (out_w, out_h):
@@ -267,6 +292,18 @@ class ImagePreprocessor:
         if "size" not in data:
             raise ConfigError("image preprocessor: missing key 'size'")
         return cls(**data)
+
+
+def shortest_edge_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """transformers' `get_resize_output_image_size(default_to_square=False)` + bicubic resize + `center_crop`."""
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def expand_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:

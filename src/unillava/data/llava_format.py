@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -514,3 +515,42 @@ __all__ = [
     "parse_record",
     "rle_problem",
 ]
+
+
+def merge_turns(records: Sequence[dict[str, Any]], max_turns: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Single-turn records about the same image, merged into multi-turn conversations of <= `max_turns`.
+
+    LLaVA-1.5 trains on such conversations (VQAv2's questions of one image in one sample): the image and
+    the system prompt are encoded once for several answers, so a step teaches more per token. Records keep
+    their file order within an image unless `seed` shuffles them (seed < 0 keeps the order); the `<image>`
+    marker stays in the first human turn only. Records without exactly one image, or with more than one
+    exchange, pass through unchanged.
+    """
+    if max_turns < 1:
+        raise ConfigError(f"max_turns must be >= 1, got {max_turns}")
+    rng = random.Random(seed)
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    passed: list[dict[str, Any]] = []
+    for record in records:
+        turns = record.get("conversations", [])
+        if isinstance(record.get("image"), str) and len(turns) == 2:
+            by_image.setdefault(record["image"], []).append(record)
+        else:
+            passed.append(record)
+    merged: list[dict[str, Any]] = []
+    for image, group in by_image.items():
+        if seed >= 0:
+            rng.shuffle(group)
+        for start in range(0, len(group), max_turns):
+            chunk = group[start : start + max_turns]
+            conversations = []
+            for k, record in enumerate(chunk):
+                human, gpt = record["conversations"]
+                question = human["value"].replace(IMAGE_MARKER, "").strip()
+                conversations += [
+                    {"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question},
+                    {"from": "gpt", "value": gpt["value"]},
+                ]
+            merged.append({"id": "+".join(str(r["id"]) for r in chunk), "image": image,
+                           "conversations": conversations})
+    return merged + passed
