@@ -1,4 +1,5 @@
-"""The main job end to end on the tiny preset: data, both stages, evaluation, report, then chat on the result."""
+"""The main job end to end on the tiny preset (the default's code path on random tiny parts): data, both
+stages with cached tower features, the compact export, evaluation with the image ablation, report, chat."""
 
 from __future__ import annotations
 
@@ -15,10 +16,18 @@ def test_demo_tiny_runs_end_to_end_and_chat_works_on_its_model(tmp_path, capsys,
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["metrics"]) == {"vqa", "mc", "pope"}
     assert summary["stage1_final_loss"] is not None and summary["stage2_final_loss"] is not None
-    assert (out / "REPORT.md").read_text().count("| vqa |") >= 1
+    report = (out / "REPORT.md").read_text()
+    assert report.count("| vqa |") >= 1 and "| own image | blank image | other image |" in report
     assert "![" in (out / "eval" / "report.md").read_text()
-    # Stage 2 started from stage 1's output and its merged model is what the evaluation loaded.
-    assert summary["model_dir"].endswith("stage2/model")
+    assert set(summary["ablation"]) == {"own", "blank", "other"}
+    assert all(set(summary["ablation"][k]) == {"vqa", "mc", "pope"} for k in summary["ablation"])
+    # Stage 2 started from stage 1's output; the compact export of its model is what the evaluation loaded,
+    # and it holds only the projector, the LoRA adapter and the new token's row.
+    assert summary["model_dir"] == str(out / "model")
+    meta = json.loads((out / "model" / "unillava_config.json").read_text())
+    assert meta["base"]["adapter"] == "adapter" and meta["model"]["template"] == "chat_template"
+    # the ablation runs answer the same (limited) questions
+    assert (out / "eval-blank-image" / "predictions_vqa.jsonl").read_text().count('"id"') == 4
     capsys.readouterr()
     image = next((out / "data" / "images" / "test").glob("*.png"))
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\nWhat colour is it?\n/quit\n"))

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -36,8 +38,10 @@ class VisionConfig:
     trainable: bool = False
     image_size: int = 336
     image_mode: str = "pad"
-    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
-    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    # None: the tower's own normalisation (CLIP's for CLIP and ConvNeXt, ImageNet's for mobilenet_v2),
+    # filled in when the tower is built so that saved configs always record the values used.
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -21,16 +21,18 @@ from torch import nn
 from transformers import AddedToken, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from unillava.config import ModelConfig, from_dict, override_dataclass
-from unillava.conversation import IGNORE_INDEX
+from unillava.config import LLMConfig, ModelConfig, from_dict, override_dataclass
+from unillava.conversation import IGNORE_INDEX, resolve_template_name
 from unillava.errors import CheckpointError
 from unillava.llm import build_language_model_from_config, load_language_model
 from unillava.projector import build_projector
 from unillava.vision import VisionTower, build_vision_tower
-from unillava.weights import check_state_dict
+from unillava.vision.feature_cache import FeatureCache
+from unillava.weights import check_state_dict, key_list
 
 CONFIG_NAME = "unillava_config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, beside its merged weights
 FORMAT_VERSION = 1
 
 # Towers whose models need more than the core (OMG's [SEG] head): vision type -> "module:Class", imported
@@ -72,6 +74,9 @@ def splice_image_features(
 class LlavaModel(nn.Module):
     """Vision tower + projector + causal LM, with generation and a self-describing checkpoint format."""
 
+    # Whether `encode_images` may reuse a frozen tower's features (OMG-LLaVA's tower has its own cache).
+    supports_feature_cache = True
+
     def __init__(self, config: ModelConfig, vision_tower: VisionTower, language_model: nn.Module, tokenizer):
         super().__init__()
         self.config = config
@@ -81,6 +86,8 @@ class LlavaModel(nn.Module):
         text_hidden = language_model.get_input_embeddings().embedding_dim
         self.projector = build_projector(config.projector.type, vision_tower.hidden_size, text_hidden)
         self.image_token_id = ensure_image_token(tokenizer, language_model, config.image_token)
+        self.feature_cache: FeatureCache | None = None
+        self.sources: dict[str, str | None] = {}
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -91,7 +98,9 @@ class LlavaModel(nn.Module):
             cls = model_class_for(config)
         tower = build_vision_tower(config.vision)
         language_model, tokenizer = load_language_model(config.llm, dtype=dtype)
-        return cls(config, tower, language_model, tokenizer)
+        model = cls(config, tower, language_model, tokenizer)
+        model.sources = {"vision": config.vision.pretrained, "llm": config.llm.pretrained}
+        return model
 
     @classmethod
     def from_pretrained(
@@ -118,15 +127,72 @@ class LlavaModel(nn.Module):
             config = override_dataclass(config, overrides, where="model_overrides")
         if cls is LlavaModel:
             cls = model_class_for(config)
-        tower = build_vision_tower(config.vision)
-        language_model = build_language_model_from_config(llm_hf_config, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = cls(config, tower, language_model, tokenizer)
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
-        model.load_state_dict_checked(load_file(weights), source=str(weights))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if "base" in meta:
+            model = cls._from_base(path, config, meta, tokenizer, dtype)
+        else:
+            tower = build_vision_tower(config.vision)
+            language_model = build_language_model_from_config(llm_hf_config, dtype=dtype)
+            model = cls(config, tower, language_model, tokenizer)
+            model.load_state_dict_checked(load_file(weights), source=str(weights))
+        model.sources = dict(meta.get("sources") or {})
         return model.to(dtype)
+
+    @classmethod
+    def build_base(
+        cls, config: ModelConfig, sources: Mapping[str, str], tokenizer, base_dtype: torch.dtype,
+        adapter: Path | None = None,
+    ) -> tuple[LlavaModel, int]:
+        """The pretrained tower and LLM as a run held them: parameters in `base_dtype` (buffers, such as
+        RoPE's, keep full precision), the LoRA `adapter` merged in that dtype. Also returns the LLM's
+        vocabulary size before the model's tokens were added (a compact directory stores the new rows)."""
+        from peft import PeftModel  # peft imports slowly; only compact models need it here
+
+        config.vision.pretrained = sources["vision"]
+        tower = build_vision_tower(config.vision)
+        language_model, _ = load_language_model(LLMConfig(pretrained=sources["llm"]))
+        vocab = language_model.get_input_embeddings().num_embeddings
+        model = cls(config, tower, language_model, tokenizer)
+        for param in model.parameters():
+            param.data = param.data.to(base_dtype)
+        if adapter is not None:
+            model.language_model = PeftModel.from_pretrained(model.language_model, adapter).merge_and_unload()
+        return model, vocab
+
+    @classmethod
+    def _from_base(
+        cls, path: Path, config: ModelConfig, meta: dict[str, Any], tokenizer, dtype: torch.dtype
+    ) -> LlavaModel:
+        """A compact directory (`unillava.hub.compact`): the tower and the LLM come from their named
+        sources, the LoRA adapter in `adapter/` is merged in the dtype the run merged it in, and
+        `model.safetensors` holds only the tensors that differ from that base (new token rows as rows)."""
+        base = meta["base"]
+        adapter = path / base["adapter"] if base.get("adapter") else None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise CheckpointError(f"{adapter}: missing adapter_config.json (the LoRA adapter of this model)")
+        try:
+            model, _ = cls.build_base(config, base, tokenizer, getattr(torch, base["dtype"]), adapter)
+        except KeyError as err:
+            raise CheckpointError(f"{path / CONFIG_NAME}: base is missing {err}") from None
+        model = model.to(dtype)
+        weights = path / WEIGHTS_NAME
+        stored = load_file(weights)
+        own = model.state_dict()
+        unknown = sorted(k for k in stored if k not in own)
+        if unknown:
+            raise CheckpointError(f"{weights}: {len(unknown)} key(s) the model does not have: {key_list(unknown)}")
+        for key, start in base.get("rows", {}).items():
+            full = own[key].clone()
+            if key not in stored or full.shape[0] - start != stored[key].shape[0]:
+                raise CheckpointError(f"{weights}: {key} should hold rows {start}.. of {tuple(full.shape)}")
+            full[start:] = stored[key].to(full.dtype)
+            stored[key] = full
+        model.load_state_dict(stored, strict=False)
+        model.language_model.tie_weights()
+        return model
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load weights, naming missing and unexpected keys; tied LM-head weights may be absent."""
@@ -152,12 +218,16 @@ class LlavaModel(nn.Module):
         model_config["vision"]["pretrained"] = None
         model_config["vision"]["hf_config"] = None
         model_config["llm"] = {"pretrained": None, "hf_config": None, "tokenizer": None}
+        if model_config["template"] == "auto":  # record the prompt format the model was trained with
+            model_config["template"] = resolve_template_name("auto", self.tokenizer)
         meta: dict[str, Any] = {
             "format": "unillava",
             "format_version": FORMAT_VERSION,
             "model": model_config,
             "vision_hf_config": self.vision_tower.hf_config_dict(),
             "llm_hf_config": self.language_model.config.to_dict(),
+            # where the tower's and the LLM's weights started from (a compact export refers to them)
+            "sources": self.sources,
         }
         tied = set(self._tied_keys())
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in tied}
@@ -167,9 +237,21 @@ class LlavaModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
 
+    def cache_tower_features(self, enable: bool = True) -> None:
+        """Reuse a frozen tower's features per image (training epochs and stages, repeated evaluations).
+
+        Refused while any tower parameter trains: its features change with every step."""
+        if enable and any(p.requires_grad for p in self.vision_tower.parameters()):
+            raise ValueError("the vision tower trains, so its features cannot be cached")
+        self.feature_cache = FeatureCache.for_tower(self.vision_tower) if enable else None
+
     def encode_images(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         """Per-image projected features, each (tokens_i, llm_hidden)."""
-        return [self.projector(f) for f in self.vision_tower(images)]
+        if self.feature_cache is not None:
+            features = self.feature_cache(self.vision_tower, images)
+        else:
+            features = self.vision_tower(images)
+        return [self.projector(f) for f in features]
 
     def embed_inputs(self, input_ids: torch.Tensor, images: list[torch.Tensor] | None) -> torch.Tensor:
         embeds = self.language_model.get_input_embeddings()(input_ids)

@@ -136,6 +136,7 @@ class OMGLlavaModel(LlavaModel):
 
     supports_segmentation = True
     supports_visual_prompts = True
+    supports_feature_cache = False
 
     def __init__(self, config: ModelConfig, vision_tower: VisionTower, language_model: nn.Module, tokenizer: Any):
         super().__init__(config, vision_tower, language_model, tokenizer)

@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="train a small LLaVA on the embedded default LLM with procedural data, evaluate, report"
     )
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--preset", default="default", choices=["default", "clip", "tiny"])
+    parser.add_argument("--preset", default="default", choices=["default", "convnext", "clip", "tiny"])
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run)
 

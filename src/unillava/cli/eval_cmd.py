@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
 
 # Kept here (not imported) so building the parser stays cheap; checked against the registry at run time.
@@ -35,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="default 128 for tasks; for benchmarks each benchmark's own default")
     parser.add_argument("--out", default=None, help="output directory (default: MODEL/eval-SPLIT or MODEL/eval-BENCHMARKS)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_template_flag(parser)
+    parser.add_argument("--images", default="own", choices=["own", "blank", "other"],
+                        help="tasks: the image ablation: ask the same questions about a grey image (blank) or "
+                        "another record's image (other); default each record's own image")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="benchmarks: evaluate the rest when some records are invalid (they are counted and listed)")
     parser.add_argument("--no-meteor", action="store_true", help="benchmarks: skip METEOR (needs Java)")
@@ -65,11 +70,12 @@ def _run_tasks(args: argparse.Namespace, data: Path) -> int:
     tasks = list(SUITES[args.suite]) if args.suite else args.task
     if args.suite:
         tasks = [t for t in tasks if (data / "tasks" / split / f"{t}.jsonl").is_file()]
-    model = unillava.load(args.model, dtype=args.dtype)
-    out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}"
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
+    suffix = "" if args.images == "own" else f"-{args.images}-image"
+    out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}{suffix}"
     summary = evaluate(
         model, data, tasks, out, split=split, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens or 128,
+        max_new_tokens=args.max_new_tokens or 128, images_from=args.images,
     )
     print_summary(summary["tasks"])
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
@@ -78,6 +84,9 @@ def _run_tasks(args: argparse.Namespace, data: Path) -> int:
 
 def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
     import unillava
+
+    if args.images != "own":
+        raise UnillavaError("--images applies to procedural tasks (--task / --suite shapes), not benchmarks")
     from unillava.evaluation.real_runner import RunOptions, print_summary, resolve, run_benchmarks
 
     if args.judge_endpoint and not args.judge_model:
@@ -93,7 +102,7 @@ def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
         skip_invalid=args.skip_invalid, meteor=not args.no_meteor, judge_endpoint=args.judge_endpoint,
         judge_model=args.judge_model,
     )
-    model = unillava.load(args.model, dtype=args.dtype)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
     summary = run_benchmarks(model, data, out, names=args.benchmark, suite=suite, opts=opts,
                              model_name=Path(args.model).name)
     print_summary(summary)

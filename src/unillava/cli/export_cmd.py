@@ -1,4 +1,5 @@
-"""`unillava export --to hf MODEL OUT`: write a model in the llava-hf layout for transformers, vLLM and others."""
+"""`unillava export --to hf|compact MODEL OUT`: the llava-hf layout (transformers, vLLM, ...) or a compact
+unillava directory (only what training changed on top of named pretrained parts)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` command."""
     parser = subparsers.add_parser(
         "export",
-        help="convert a model directory to another layout (llava-hf)",
+        help="convert a model directory to another layout (llava-hf, compact)",
         description=(
-            "Read MODEL in any layout unillava loads (unillava, llava-hf, original LLaVA) and write it to OUT "
-            "in the llava-hf layout (LlavaForConditionalGeneration + LlavaProcessor). Exit status 2 when "
+            "hf: read MODEL in any layout unillava loads (unillava, llava-hf, original LLaVA) and write it to OUT "
+            "in the llava-hf layout (LlavaForConditionalGeneration + LlavaProcessor). compact: read a unillava "
+            "directory whose tower and LLM came from named pretrained sources and write only the difference "
+            "(projector, LoRA adapter, new token rows); it loads bit for bit like MODEL. Exit status 2 when "
             "MODEL cannot be read or cannot be represented."
         ),
     )
-    parser.add_argument("--to", required=True, choices=["hf"], help="target layout (hf: llava-hf)")
+    parser.add_argument("--to", required=True, choices=["hf", "compact"],
+                        help="target layout (hf: llava-hf; compact: unillava, difference from the base parts)")
     parser.add_argument("model", metavar="MODEL", help="model directory")
     parser.add_argument("out", metavar="OUT", help="output directory (new or empty)")
     parser.add_argument(
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from unillava.hub import export_hf, load_model
+    from unillava.hub.compact import export_compact
 
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
@@ -56,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if Path(args.model).expanduser().resolve() == out.resolve():
         raise CheckpointError(f"{out}: OUT must differ from MODEL")
+    if args.to == "compact":
+        stats = export_compact(args.model, out)
+        print(f"wrote compact model to {out} ({stats['mib']} MiB of weights, adapter: {stats['adapter']})")
+        return 0
     model = load_model(
         args.model,
         dtype=getattr(torch, args.dtype),

@@ -7,20 +7,27 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from unillava.data.images import load_image
 from unillava.data.llava_format import ConversationFile
 from unillava.errors import DataError, UnillavaError
 from unillava.evaluation.scoring import TASKS, score_files, write_results
 from unillava.inference import InferenceModel
 
 SUITES = {"shapes": TASKS}
+
+# What the model is shown in place of each record's own image, to measure how much of a score comes from
+# seeing: a flat mid-grey image of the same size, or the image of another record of the same file.
+IMAGE_SOURCES = ("own", "blank", "other")
+BLANK_GREY = (128, 128, 128)
 
 # The headline metric of each task, for one-line summaries.
 HEADLINE = {
@@ -56,12 +63,16 @@ def predict_task(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 128,
+    images_from: str = "own",
 ) -> int:
-    """Append predictions for records not yet in `out_path`; returns how many were generated now."""
+    """Append predictions for records not yet in `out_path`; returns how many were generated now.
+
+    `images_from` (one of IMAGE_SOURCES) replaces every image for the image ablation."""
     data = ConversationFile(task_file, image_root=image_root)
     indices = range(min(len(data), limit) if limit else len(data))
     done = _done_ids(out_path)
     todo = [data[i] for i in indices if data[i].id not in done]
+    swap = _image_swap(data, images_from)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc=f"eval {task_file.stem}", unit="sample", disable=not todo)
     with out_path.open("a", encoding="utf-8") as sink:
@@ -71,7 +82,7 @@ def predict_task(
             for sample in chunk:
                 first_answer = next(i for i, m in enumerate(sample.messages) if m.role == "assistant")
                 conversations.append(sample.messages[:first_answer])
-                images.append([data.image_path(sample, k) for k in range(len(sample.images))])
+                images.append([swap(data.image_path(sample, k)) for k in range(len(sample.images))])
             if model.supports_segmentation:
                 prompts = [s.extra.get("visual_prompts") for s in chunk]
                 answers = model.generate_with_masks(
@@ -92,6 +103,23 @@ def predict_task(
     return len(todo)
 
 
+def _image_swap(data: ConversationFile, images_from: str) -> Callable[[Path], Path | Image.Image]:
+    """The image shown instead of a record's own: itself, a grey image of its size, or the image halfway
+    round the file's list of distinct images (so a scene never meets its own picture)."""
+    if images_from == "own":
+        return lambda path: path
+    if images_from == "blank":
+        return lambda path: Image.new("RGB", load_image(path).size, BLANK_GREY)
+    if images_from != "other":
+        raise UnillavaError(f"images_from: expected one of {', '.join(IMAGE_SOURCES)}, got {images_from!r}")
+    samples = (data[i] for i in range(len(data)))
+    distinct = list(dict.fromkeys(data.image_path(s, k) for s in samples for k in range(len(s.images))))
+    if len(distinct) < 2:
+        raise UnillavaError(f"{data.path}: the 'other image' ablation needs at least two distinct images")
+    position = {path: i for i, path in enumerate(distinct)}
+    return lambda path: distinct[(position[path] + len(distinct) // 2) % len(distinct)]
+
+
 def _task_file(data_dir: Path, split: str, task: str) -> Path:
     path = data_dir / "tasks" / split / f"{task}.jsonl"
     if not path.is_file():
@@ -110,8 +138,12 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     report_samples: int = 4,
+    images_from: str = "own",
 ) -> dict[str, Any]:
-    """Predict and score each task; writes predictions, results JSON and a markdown report."""
+    """Predict and score each task; writes predictions, results JSON and a markdown report.
+
+    `images_from="blank"` / `"other"` asks the same questions about a grey image / another record's image
+    (the image ablation: what the model answers without seeing the right picture)."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -121,12 +153,14 @@ def evaluate(
         ann = _task_file(data_dir, split, task)
         preds = out_dir / f"predictions_{task}.jsonl"
         predict_task(
-            model, ann, preds, image_root=data_dir, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens
+            model, ann, preds, image_root=data_dir, limit=limit, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, images_from=images_from,
         )
         results = score_files(task, preds, _limited(ann, out_dir, limit))
         write_results(results, out_dir)
         all_results[task] = results
-    summary = {"data": str(data_dir), "split": split, "limit": limit, "tasks": all_results}
+    summary = {"data": str(data_dir), "split": split, "limit": limit, "images_from": images_from,
+               "tasks": all_results}
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_report(out_dir, data_dir, split, all_results, report_samples)
     return summary

@@ -77,6 +77,8 @@ class TrainConfig:
     global_batch_size: int | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # A frozen tower's features are computed once per image and reused (unillava.vision.feature_cache).
+    cache_vision_features: bool = True
     seed: int = 42
     output_dir: str = "runs/unillava"
     save_every_steps: int | None = None

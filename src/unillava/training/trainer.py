@@ -42,7 +42,7 @@ from unillava.data.dataset import (
     supervised_tokens,
 )
 from unillava.errors import CheckpointError, ConfigError, DataError
-from unillava.modeling import LlavaModel
+from unillava.modeling import ADAPTER_DIR, LlavaModel
 from unillava.processor import Batch, Processor
 from unillava.training import checkpoint as ckpt
 from unillava.training.config import TrainConfig
@@ -50,7 +50,7 @@ from unillava.training.config import TrainConfig
 LOG_NAME = "train_log.jsonl"
 CONFIG_NAME = "train_config.yaml"
 MODEL_DIR = "model"
-ADAPTER_DIR = "adapter"
+
 NON_LORA_NAME = "non_lora_trainables.safetensors"
 CHECKPOINT_FORMAT = 1
 
@@ -287,6 +287,8 @@ class Trainer:
                 and dtype != torch.float32
             ):
                 param.data = param.data.to(dtype)
+        if config.cache_vision_features and model.supports_feature_cache and not config.train_vision:
+            model.cache_tower_features()
         return model
 
     def _quantized_llm(self, model: LlavaModel) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unillava.config import VisionConfig
+from unillava.config import CLIP_MEAN, CLIP_STD, VisionConfig
 from unillava.errors import ConfigError
 
 TOWERS: dict[str, Callable[[VisionConfig], VisionTower]] = {}
@@ -32,6 +32,9 @@ class VisionTower(nn.Module):
 
     hidden_size: int
     config: VisionConfig
+    # The normalisation the tower's weights were trained with, used where the config leaves it unset.
+    default_mean: tuple[float, float, float] = CLIP_MEAN
+    default_std: tuple[float, float, float] = CLIP_STD
 
     def num_tokens(self, height: int, width: int) -> int:
         raise NotImplementedError
@@ -64,10 +67,14 @@ def build_vision_tower(config: VisionConfig) -> VisionTower:
     if config.type not in TOWERS:
         raise ConfigError(f"vision.type: unknown tower {config.type!r}; known: {', '.join(sorted(TOWERS))}")
     tower = TOWERS[config.type](config)
+    if config.image_mean is None:
+        config.image_mean = list(tower.default_mean)
+    if config.image_std is None:
+        config.image_std = list(tower.default_std)
     tower.requires_grad_(config.trainable)
     return tower
 
 
 def _import_builtin_towers() -> None:
     """Towers register themselves on import; import the built-in ones lazily."""
-    from unillava.vision import clip, convnext, omg  # noqa: F401
+    from unillava.vision import clip, convnext, mobilenet, omg  # noqa: F401
