@@ -266,3 +266,20 @@ def test_preprocessor_dict_round_trip_and_validation() -> None:
         ImagePreprocessor(size=10, mode="crop")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="std"):
         ImagePreprocessor(size=10, std=(0.1, 0.0, 0.1))
+
+
+@pytest.mark.parametrize("width,height", [(57, 40), (31, 64), (48, 48)])
+def test_pad_mode_equals_original_llava_expand2square_then_clip_processor(width: int, height: int) -> None:
+    """Original LLaVA-1.5 (`image_aspect_ratio: pad`): expand2square with int(mean * 255), then
+    CLIPImageProcessor (shortest edge + centre crop, a plain resize on a square)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image = Image.fromarray(np.random.default_rng(width).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(x * 255) for x in CLIP_MEAN))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    reference = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    want = reference(images=square, return_tensors="pt")["pixel_values"][0]
+    got = ImagePreprocessor(size=32, mode="pad", mean=CLIP_MEAN, std=CLIP_STD)(image)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
