@@ -46,20 +46,35 @@ ARMS: dict[str, dict[str, Any]] = {
     "full": {"use_prior": True, "object_tokens": True, "pixel_level": True},
     # Not part of the paper's ablation (run it with --arms full-decoder): OMG-LLaVA plus the optional
     # trainable copy of the decoder for [SEG] queries.
-    "full-decoder": {"use_prior": True, "object_tokens": True, "pixel_level": True, "seg_decoder": "trainable"},
+    "full-decoder": {
+        "use_prior": True,
+        "object_tokens": True,
+        "pixel_level": True,
+        "seg_decoder": "trainable",
+    },
 }
 ABLATION = ("llava", "baseline", "prior", "full")
 PIXEL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "region_vqa")
 EVAL_TASKS = ("refseg", "reasonseg", "gcg", "region_caption", "vqa")
-METRICS = {"refseg": "ciou", "reasonseg": "ciou", "gcg": "miou", "region_caption": "attribute_accuracy",
-           "vqa": "accuracy"}
+METRICS = {
+    "refseg": "ciou",
+    "reasonseg": "ciou",
+    "gcg": "miou",
+    "region_caption": "attribute_accuracy",
+    "vqa": "accuracy",
+}
 
 
 def llm_config(width: int, layers: int) -> dict[str, Any]:
     return {
-        "model_type": "llama", "hidden_size": width, "intermediate_size": 2 * width,
-        "num_hidden_layers": layers, "num_attention_heads": max(1, width // 64),
-        "num_key_value_heads": max(1, width // 128), "vocab_size": 49152, "tie_word_embeddings": True,
+        "model_type": "llama",
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": max(1, width // 64),
+        "num_key_value_heads": max(1, width // 128),
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
     }
 
 
@@ -81,28 +96,50 @@ def write_mix(data: Path, tasks: dict[str, int], out: Path, seed: int) -> Path:
 def model_section(args: argparse.Namespace, arm: dict[str, Any]) -> dict[str, Any]:
     # Records of one scene share its image, so a cache over every image runs the segmenter once per image
     # instead of once per record (about 1 MB per 192 px image).
-    extra = {"use_prior": arm["use_prior"], "object_tokens": arm["object_tokens"], "cache_size": args.cache_size,
-             "object_regularizer": 10.0 if arm["object_tokens"] else 0.0,
-             "seg_decoder": arm.get("seg_decoder", "frozen")}
+    extra = {
+        "use_prior": arm["use_prior"],
+        "object_tokens": arm["object_tokens"],
+        "cache_size": args.cache_size,
+        "object_regularizer": 10.0 if arm["object_tokens"] else 0.0,
+        "seg_decoder": arm.get("seg_decoder", "frozen"),
+    }
     return {
-        "vision": {"type": "omg", "pretrained": str(args.segmenter), "image_size": args.image_size,
-                   "image_mode": "pad", "extra": extra},
+        "vision": {
+            "type": "omg",
+            "pretrained": str(args.segmenter),
+            "image_size": args.image_size,
+            "image_mode": "pad",
+            "extra": extra,
+        },
         "projector": {"type": "mlp2x_gelu"},
-        "llm": {"pretrained": None, "tokenizer": "smollm2-135m-instruct",
-                "hf_config": llm_config(args.llm_width, args.llm_layers)},
+        "llm": {
+            "pretrained": None,
+            "tokenizer": "smollm2-135m-instruct",
+            "hf_config": llm_config(args.llm_width, args.llm_layers),
+        },
         "template": "auto",
         "max_length": 320,
     }
 
 
-def recipe(args: argparse.Namespace, out: Path, train_file: Path, length: dict[str, Any], lr: float,
-           **fields: Any) -> Path:
+def recipe(
+    args: argparse.Namespace, out: Path, train_file: Path, length: dict[str, Any], lr: float, **fields: Any
+) -> Path:
     """A training recipe; `length` is {"max_steps": n} or {"epochs": e}."""
     config = {
         "data": {"train_files": [str(train_file)], "image_root": str(args.data), "num_workers": 0},
-        "lr": lr, "warmup_ratio": 0.03, "lr_scheduler": "cosine", **length,
-        "per_device_batch_size": args.batch, "global_batch_size": args.batch, "seed": args.seed,
-        "output_dir": str(out), "log_every": 20, "progress": False, "keep_last": 1, **fields,
+        "lr": lr,
+        "warmup_ratio": 0.03,
+        "lr_scheduler": "cosine",
+        **length,
+        "per_device_batch_size": args.batch,
+        "global_batch_size": args.batch,
+        "seed": args.seed,
+        "output_dir": str(out),
+        "log_every": 20,
+        "progress": False,
+        "keep_last": 1,
+        **fields,
     }
     path = out.with_suffix(".yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,18 +162,38 @@ def train_arm(args: argparse.Namespace, name: str, arm: dict[str, Any]) -> tuple
     timing = root / "train_seconds.json"
     if (model_dir / "unillava_config.json").is_file() and timing.is_file():
         return model_dir, json.loads(timing.read_text())["seconds"]
-    captions = write_mix(args.data, {"caption": args.stage1_steps * args.batch}, root / "stage1.jsonl", args.seed)
+    captions = write_mix(
+        args.data, {"caption": args.stage1_steps * args.batch}, root / "stage1.jsonl", args.seed
+    )
     stage2_tasks = {"vqa": args.vqa_samples}
     if arm["pixel_level"]:
         stage2_tasks |= {task: args.pixel_samples for task in PIXEL_TASKS}
     mix = write_mix(args.data, stage2_tasks, root / "stage2.jsonl", args.seed)
     cli = [sys.executable, "-m", "unillava.cli"]
-    stage1 = recipe(args, root / "stage1", captions, {"max_steps": args.stage1_steps}, 1e-3, model=model_section(args, arm),
-                    train_projector=True, train_vision=True, train_llm="full")
+    stage1 = recipe(
+        args,
+        root / "stage1",
+        captions,
+        {"max_steps": args.stage1_steps},
+        1e-3,
+        model=model_section(args, arm),
+        train_projector=True,
+        train_vision=True,
+        train_llm="full",
+    )
     seconds = run_logged([*cli, "train", str(stage1)], root / "stage1.log")
-    stage2 = recipe(args, root / "stage2", mix, {"epochs": args.stage2_epochs}, 1e-3, init_from=str(root / "stage1" / "model"),
-                    train_projector=True, train_vision=True, train_llm="full",
-                    model_overrides={"vision.extra.object_regularizer": 0.0})
+    stage2 = recipe(
+        args,
+        root / "stage2",
+        mix,
+        {"epochs": args.stage2_epochs},
+        1e-3,
+        init_from=str(root / "stage1" / "model"),
+        train_projector=True,
+        train_vision=True,
+        train_llm="full",
+        model_overrides={"vision.extra.object_regularizer": 0.0},
+    )
     seconds += run_logged([*cli, "train", str(stage2)], root / "stage2.log")
     timing.write_text(json.dumps({"seconds": seconds}))
     return model_dir, seconds
@@ -146,9 +203,24 @@ def evaluate_arm(args: argparse.Namespace, name: str, model_dir: Path) -> dict[s
     out = args.out / name / "eval"
     results = out / "results.json"
     if not results.is_file():
-        command = [sys.executable, "-m", "unillava.cli", "eval", "--model", str(model_dir), "--data", str(args.data),
-                   "--limit", str(args.limit), "--batch-size", "16", "--out", str(out),
-                   "--max-new-tokens", str(args.max_new_tokens)]
+        command = [
+            sys.executable,
+            "-m",
+            "unillava.cli",
+            "eval",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(args.data),
+            "--limit",
+            str(args.limit),
+            "--batch-size",
+            "16",
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+        ]
         for task in EVAL_TASKS:
             command += ["--task", task]
         run_logged(command, args.out / name / "eval.log")
@@ -157,9 +229,13 @@ def evaluate_arm(args: argparse.Namespace, name: str, model_dir: Path) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True, help="a `unillava data shapes` directory")
-    parser.add_argument("--segmenter", type=Path, required=True, help="a `unillava train-segmenter` directory")
+    parser.add_argument(
+        "--segmenter", type=Path, required=True, help="a `unillava train-segmenter` directory"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/omg-bench"))
     parser.add_argument("--arms", default=",".join(ABLATION), help=f"comma list of {', '.join(ARMS)}")
     parser.add_argument("--image-size", type=int, default=192)
@@ -187,20 +263,27 @@ def main(argv: list[str] | None = None) -> None:
         scores = evaluate_arm(args, name, model_dir)
         rows.append((name, scores, seconds))
         print(f"{name}: {json.dumps(scores)} ({seconds:.0f} s training)", file=sys.stderr, flush=True)
-    print(f"\nLLM: Llama {args.llm_layers} x {args.llm_width} from scratch; segmenter {args.segmenter} (frozen); "
-          f"{args.image_size} px; batch {args.batch}; stage 1 {args.stage1_steps} steps of captions; stage 2 "
-          f"{args.stage2_epochs:g} epoch of {args.vqa_samples} VQA (+ {args.pixel_samples} of each pixel-level task "
-          f"in the mix arms); {args.limit} test records per task\n")
-    header = "| arm | prior | object tokens | stage-2 data | " + " | ".join(
-        f"{t} {METRICS[t]}" for t in EVAL_TASKS) + " | train s |"
+    print(
+        f"\nLLM: Llama {args.llm_layers} x {args.llm_width} from scratch; segmenter {args.segmenter} (frozen); "
+        f"{args.image_size} px; batch {args.batch}; stage 1 {args.stage1_steps} steps of captions; stage 2 "
+        f"{args.stage2_epochs:g} epoch of {args.vqa_samples} VQA (+ {args.pixel_samples} of each pixel-level task "
+        f"in the mix arms); {args.limit} test records per task\n"
+    )
+    header = (
+        "| arm | prior | object tokens | stage-2 data | "
+        + " | ".join(f"{t} {METRICS[t]}" for t in EVAL_TASKS)
+        + " | train s |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for name, scores, seconds in rows:
         arm = ARMS[name]
         cells = " | ".join(f"{scores[t]:.3f}" if t in scores else "-" for t in EVAL_TASKS)
         data = "mix" if arm["pixel_level"] else "VQA only"
-        print(f"| {name} | {'yes' if arm['use_prior'] else 'no'} | {'yes' if arm['object_tokens'] else 'no'} | "
-              f"{data} | {cells} | {seconds:.0f} |")
+        print(
+            f"| {name} | {'yes' if arm['use_prior'] else 'no'} | {'yes' if arm['object_tokens'] else 'no'} | "
+            f"{data} | {cells} | {seconds:.0f} |"
+        )
 
 
 if __name__ == "__main__":

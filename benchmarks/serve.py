@@ -42,8 +42,14 @@ from unillava.modeling import LlavaModel
 def default_model_dir() -> Path:
     torch.manual_seed(0)
     vision = VisionConfig(
-        hf_config={"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 3,
-                   "image_size": 64, "patch_size": 8},
+        hf_config={
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 3,
+            "image_size": 64,
+            "patch_size": 8,
+        },
         image_size=64,
     )
     path = Path(tempfile.mkdtemp(prefix="unillava-serve-bench-")) / "smollm2-clip64"
@@ -65,10 +71,15 @@ def image_url(i: int) -> str:
 
 def request_body(i: int, max_tokens: int) -> dict:
     return {
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url(i)}},
-            {"type": "text", "text": f"Describe image number {i} in detail."},
-        ]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_url(i)}},
+                    {"type": "text", "text": f"Describe image number {i} in detail."},
+                ],
+            }
+        ],
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
@@ -125,10 +136,16 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: SmolLM2 + small CLIP, built now)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model directory (default: SmolLM2 + small CLIP, built now)"
+    )
     parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=3, help="requests each client sends, one after another")
+    parser.add_argument(
+        "--requests", type=int, default=3, help="requests each client sends, one after another"
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=250.0)
@@ -138,9 +155,24 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else default_model_dir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "unillava", "serve", "--model", str(model_dir), "--port", str(port),
-               "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms), "--log-level", "warning",
-               "--served-model-name", "bench"]
+    command = [
+        sys.executable,
+        "-m",
+        "unillava",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch),
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+        "--log-level",
+        "warning",
+        "--served-model-name",
+        "bench",
+    ]
     if args.threads:
         command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command)
@@ -155,7 +187,9 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        httpx.post(f"{url}/v1/chat/completions", json=request_body(0, args.max_tokens), timeout=600)  # warm-up
+        httpx.post(
+            f"{url}/v1/chat/completions", json=request_body(0, args.max_tokens), timeout=600
+        )  # warm-up
         load_before = os.getloadavg()
         results = [run_level(url, int(c), args.requests, args.max_tokens) for c in args.clients.split(",")]
         load_after = os.getloadavg()
@@ -164,16 +198,38 @@ def main() -> None:
         server.wait(30)
 
     threads = args.threads or torch.get_num_threads()
-    title = (f"unillava serve: {model_dir.name}, {args.max_tokens} tokens/answer, max batch {args.max_batch}, "
-             f"{threads} torch thread(s), {os.cpu_count()} CPUs, load avg {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    title = (
+        f"unillava serve: {model_dir.name}, {args.max_tokens} tokens/answer, max batch {args.max_batch}, "
+        f"{threads} torch thread(s), {os.cpu_count()} CPUs, load avg {load_before[0]:.1f} -> {load_after[0]:.1f}"
+    )
     table = Table(title=title)
-    for col in ("clients", "requests", "errors", "req/s", "tok/s", "p50 latency (s)", "p95 latency (s)",
-                "mean batch", "batches (size x n)", "tok/s vs 1 client"):
+    for col in (
+        "clients",
+        "requests",
+        "errors",
+        "req/s",
+        "tok/s",
+        "p50 latency (s)",
+        "p95 latency (s)",
+        "mean batch",
+        "batches (size x n)",
+        "tok/s vs 1 client",
+    ):
         table.add_column(col, justify="right")
     base = results[0]["tok_s"] or float("nan")
     for r in results:
-        table.add_row(str(r["clients"]), str(r["requests"]), str(r["errors"]), f"{r['req_s']:.2f}", f"{r['tok_s']:.1f}",
-                      f"{r['p50']:.2f}", f"{r['p95']:.2f}", f"{r['mean_batch']:.1f}", r["batches"], f"{r['tok_s'] / base:.2f}x")
+        table.add_row(
+            str(r["clients"]),
+            str(r["requests"]),
+            str(r["errors"]),
+            f"{r['req_s']:.2f}",
+            f"{r['tok_s']:.1f}",
+            f"{r['p50']:.2f}",
+            f"{r['p95']:.2f}",
+            f"{r['mean_batch']:.1f}",
+            r["batches"],
+            f"{r['tok_s'] / base:.2f}x",
+        )
     Console(width=170).print(table)
 
 

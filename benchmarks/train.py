@@ -38,7 +38,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--llm", default="lora", choices=["lora", "full"])
@@ -47,22 +49,53 @@ def main() -> None:
     preset = PRESETS["default"]
     work = Path(tempfile.mkdtemp(prefix="unillava-train-bench-"))
     data = work / "data"
-    generate_dataset(data, 64, 0, n_val=1, n_test=1, min_size=128, max_size=128, aspect_range=(1.0, 1.0),
-                     difficulty="easy", tasks=["vqa", "mc"])
-    table = Table(title=f"stage-2 training, {args.llm} LLM, batch {args.batch}, {torch.get_num_threads()} threads")
-    for col in ("dtype", "samples/s", "tokens/step", "model TFLOP/step", "GFLOPS", "matmul peak GFLOPS",
-                "fraction of peak", "peak RSS (GiB)"):
+    generate_dataset(
+        data,
+        64,
+        0,
+        n_val=1,
+        n_test=1,
+        min_size=128,
+        max_size=128,
+        aspect_range=(1.0, 1.0),
+        difficulty="easy",
+        tasks=["vqa", "mc"],
+    )
+    table = Table(
+        title=f"stage-2 training, {args.llm} LLM, batch {args.batch}, {torch.get_num_threads()} threads"
+    )
+    for col in (
+        "dtype",
+        "samples/s",
+        "tokens/step",
+        "model TFLOP/step",
+        "GFLOPS",
+        "matmul peak GFLOPS",
+        "fraction of peak",
+        "peak RSS (GiB)",
+    ):
         table.add_column(col, justify="right")
     for bf16 in (True, False):
         out = work / ("bf16" if bf16 else "fp32")
         config = TrainConfig(
             model=model_config(preset),
-            data=DataConfig(train_files=[str(data / "tasks/train/vqa.jsonl"), str(data / "tasks/train/mc.jsonl")],
-                            image_root=str(data), num_workers=0),
-            train_projector=True, train_vision=True, train_llm=args.llm,
-            lora=LoraSettings(r=16, alpha=32, dropout=0.0), lr=2e-4, max_steps=args.steps,
-            per_device_batch_size=args.batch, global_batch_size=args.batch, bf16=bf16, output_dir=str(out),
-            log_every=1, progress=False,
+            data=DataConfig(
+                train_files=[str(data / "tasks/train/vqa.jsonl"), str(data / "tasks/train/mc.jsonl")],
+                image_root=str(data),
+                num_workers=0,
+            ),
+            train_projector=True,
+            train_vision=True,
+            train_llm=args.llm,
+            lora=LoraSettings(r=16, alpha=32, dropout=0.0),
+            lr=2e-4,
+            max_steps=args.steps,
+            per_device_batch_size=args.batch,
+            global_batch_size=args.batch,
+            bf16=bf16,
+            output_dir=str(out),
+            log_every=1,
+            progress=False,
         )
         result = train(config)
         records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -74,8 +107,16 @@ def main() -> None:
         achieved = flops / seconds_per_step / 1e9
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        table.add_row("bf16" if bf16 else "fp32", f"{rate:.2f}", str(tokens), f"{flops / 1e12:.3f}",
-                      f"{achieved:.0f}", f"{peak:.0f}", f"{achieved / peak:.2f}", f"{rss:.1f}")
+        table.add_row(
+            "bf16" if bf16 else "fp32",
+            f"{rate:.2f}",
+            str(tokens),
+            f"{flops / 1e12:.3f}",
+            f"{achieved:.0f}",
+            f"{peak:.0f}",
+            f"{achieved / peak:.2f}",
+            f"{rss:.1f}",
+        )
     Console().print(table)
 
 

@@ -108,7 +108,6 @@ def load_benchmark() -> Callable[[str], ModuleType]:
     return load
 
 
-
 @pytest.fixture
 def fresh_accelerate_state():
     """Each training test leaves accelerate's process-wide state clean."""

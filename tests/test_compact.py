@@ -37,36 +37,55 @@ def sources(tmp_path_factory: pytest.TempPathFactory, make_tokenizer) -> dict[st
     records = []
     for i, rgb in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0), (250, 250, 250)]):
         Image.new("RGB", (64, 64), rgb).save(root / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": f"colour {i}"}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat color is it?"},
+                    {"from": "gpt", "value": f"colour {i}"},
+                ],
+            }
+        )
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return {"root": root, "llm": root / "llm", "tower": root / "tower.pth"}
 
 
 def _train(sources: dict[str, Path], out: Path, lora: bool) -> Path:
     model = ModelConfig(
-        vision=VisionConfig(type="mobilenet_v2", pretrained=str(sources["tower"]), image_size=64, select_layer=-1),
+        vision=VisionConfig(
+            type="mobilenet_v2", pretrained=str(sources["tower"]), image_size=64, select_layer=-1
+        ),
         projector=ProjectorConfig("mlp2x_gelu"),
         llm=LLMConfig(pretrained=str(sources["llm"])),
         max_length=256,
     )
     config = TrainConfig(
         model=model,
-        data=DataConfig(train_files=[str(sources["root"] / "data.jsonl")], image_root=str(sources["root"]),
-                        num_workers=0),
+        data=DataConfig(
+            train_files=[str(sources["root"] / "data.jsonl")], image_root=str(sources["root"]), num_workers=0
+        ),
         train_llm="lora" if lora else "none",
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        lr=1e-2, max_steps=3, per_device_batch_size=2, global_batch_size=2, bf16=True,
-        output_dir=str(out), progress=False,
+        lr=1e-2,
+        max_steps=3,
+        per_device_batch_size=2,
+        global_batch_size=2,
+        bf16=True,
+        output_dir=str(out),
+        progress=False,
     )
     return Trainer(config).train().model_dir
 
 
 def _outputs(model: LlavaModel) -> torch.Tensor:
-    ids = torch.tensor([[1, 2, model.image_token_id, model.image_token_id, model.image_token_id,
-                         model.image_token_id, 5, 6]])
+    ids = torch.tensor(
+        [[1, 2, model.image_token_id, model.image_token_id, model.image_token_id, model.image_token_id, 5, 6]]
+    )
     with torch.no_grad():
-        return model(input_ids=ids, images=[torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))]).logits
+        return model(
+            input_ids=ids, images=[torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+        ).logits
 
 
 @pytest.mark.parametrize("lora", [True, False])

@@ -70,7 +70,9 @@ def test_single_text_scenes(bench: ModuleType, tmp_path: Path, capsys) -> None:
     trained_at = row.stat().st_mtime_ns
     capsys.readouterr()
     bench.main([*args, "--scenes=single-text"])  # a finished arm with the same recipe is not trained again
-    assert row.stat().st_mtime_ns == trained_at and "| ViT/14 @ 84 px (336/4) | 36 |" in capsys.readouterr().out
+    assert (
+        row.stat().st_mtime_ns == trained_at and "| ViT/14 @ 84 px (336/4) | 36 |" in capsys.readouterr().out
+    )
     bench.main([*args, "--scenes=single-text", "--steps=2"])  # a changed recipe trains again
     assert json.loads(row.read_text())["steps"] == 2
     with pytest.raises(SystemExit, match="another shapes data set"):

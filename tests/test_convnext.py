@@ -473,14 +473,21 @@ def test_stage2_recipe_key_unfreezes_from_stage3(tmp_path):
     stage1.save_pretrained(tmp_path / "stage1")
     data = tmp_path / "data.jsonl"
     Image.new("RGB", (SIZE, SIZE), "red").save(tmp_path / "red.png")
-    record = {"id": "a", "image": "red.png", "conversations": [
-        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]}
+    record = {
+        "id": "a",
+        "image": "red.png",
+        "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],
+    }
     data.write_text(json.dumps(record) + "\n")
     config = TrainConfig(
-        init_from=str(tmp_path / "stage1"), data=DataConfig(train_files=[str(data)], image_root=str(tmp_path),
-                                                            num_workers=0),
-        train_vision=True, vision_unfreeze_from_stage=3, max_steps=1, per_device_batch_size=1,
-        output_dir=str(tmp_path / "run"), progress=False,
+        init_from=str(tmp_path / "stage1"),
+        data=DataConfig(train_files=[str(data)], image_root=str(tmp_path), num_workers=0),
+        train_vision=True,
+        vision_unfreeze_from_stage=3,
+        max_steps=1,
+        per_device_batch_size=1,
+        output_dir=str(tmp_path / "run"),
+        progress=False,
     )
     encoder = Trainer(config).model.vision_tower.model.encoder
     trainable = {name.split(".")[1] for name, p in encoder.named_parameters() if p.requires_grad}

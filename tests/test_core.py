@@ -179,13 +179,23 @@ def test_batched_generation_matches_one_by_one(model):
     red, blue = Image.new("RGB", (32, 32), "red"), Image.new("RGB", (48, 32), "blue")
     prompts = ["What colour?", "Describe this image in many words please.", "hi"]
     batched = lm.generate(prompts, [red, [blue, red], None], max_new_tokens=6)
-    single = [lm.generate(p, im, max_new_tokens=6) for p, im in zip(prompts, [red, [blue, red], None], strict=True)]
+    single = [
+        lm.generate(p, im, max_new_tokens=6) for p, im in zip(prompts, [red, [blue, red], None], strict=True)
+    ]
     assert batched == single
 
 
 def test_streaming_chat_matches_plain_chat(model):
     lm = InferenceModel(model)
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (32, 32))}, {"type": "text", "text": "hello"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (32, 32))},
+                {"type": "text", "text": "hello"},
+            ],
+        }
+    ]
     text = lm.chat(messages, max_new_tokens=8)
     pieces = list(lm.chat(messages, stream=True, max_new_tokens=8))
     assert "".join(pieces).strip() == text
@@ -202,13 +212,20 @@ def test_supervised_only_loss_equals_full_logits_loss(model):
     """Training's `loss_reduction="sum"` projects only supervised positions; it must equal the plain sum."""
     processor = Processor.for_model(model)
     image = [torch.randn(3, 32, 32)]
-    encoded = [processor.encode(_conversation()[:2], image), processor.encode([user_message("hi"), Message("assistant", ["yes"])], [])]
+    encoded = [
+        processor.encode(_conversation()[:2], image),
+        processor.encode([user_message("hi"), Message("assistant", ["yes"])], []),
+    ]
     batch = processor.collate(encoded, [image, []], padding_side="right")
     full = model(batch.input_ids, batch.attention_mask, batch.images).logits
     expected = torch.nn.functional.cross_entropy(
-        full[:, :-1].reshape(-1, full.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
+        full[:, :-1].reshape(-1, full.shape[-1]),
+        batch.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    summed = model(batch.input_ids, batch.attention_mask, batch.images, labels=batch.labels, loss_reduction="sum")
+    summed = model(
+        batch.input_ids, batch.attention_mask, batch.images, labels=batch.labels, loss_reduction="sum"
+    )
     assert summed.logits is None
     torch.testing.assert_close(summed.loss, expected, rtol=1e-5, atol=1e-4)

@@ -27,7 +27,9 @@ def test_demo_tiny_runs_end_to_end_and_chat_works_on_its_model(tmp_path, capsys,
     meta = json.loads((out / "model" / "unillava_config.json").read_text())
     assert meta["base"]["adapter"] == "adapter" and meta["model"]["template"] == "chat_template"
     card = (out / "model" / "README.md").read_text()
-    assert "unillava demo --preset tiny --seed 0" in card and "| own image | blank image | other image |" in card
+    assert (
+        "unillava demo --preset tiny --seed 0" in card and "| own image | blank image | other image |" in card
+    )
     # the ablation runs answer the same (limited) questions
     assert (out / "eval-blank-image" / "predictions_vqa.jsonl").read_text().count('"id"') == 4
     capsys.readouterr()

@@ -15,8 +15,18 @@ from unillava.inference import load
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    generate_dataset(out, 4, 7, n_val=1, n_test=3, min_size=128, max_size=128, difficulty="easy", workers=1,
-                     tasks=["vqa", "pope", "refseg"])
+    generate_dataset(
+        out,
+        4,
+        7,
+        n_val=1,
+        n_test=3,
+        min_size=128,
+        max_size=128,
+        difficulty="easy",
+        workers=1,
+        tasks=["vqa", "pope", "refseg"],
+    )
     return out
 
 
@@ -55,12 +65,38 @@ def test_interrupted_eval_resumes(tiny_model_dir, shapes_dir, tmp_path):
 
 
 def test_eval_cli_and_unknown_task(tiny_model_dir, shapes_dir, tmp_path, capsys):
-    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(shapes_dir), "--task", "pope",
-                 "--limit", "2", "--out", str(tmp_path), "--max-new-tokens", "3"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(shapes_dir),
+            "--task",
+            "pope",
+            "--limit",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert code == 0
     assert "pope" in capsys.readouterr().out
-    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(shapes_dir), "--task", "gcg",
-                 "--out", str(tmp_path)])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(shapes_dir),
+            "--task",
+            "gcg",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 2
     assert "gcg.jsonl" in capsys.readouterr().err
 

@@ -557,8 +557,14 @@ def _crop_checkpoint(hf_reference, folder: Path, template: str) -> Path:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
     )
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template, patch_size=8,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -573,8 +579,12 @@ CONVERSATIONS = {
         {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
         {"role": "user", "content": [{"type": "text", "text": "And its size?"}]},
     ],
-    "multi_image": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                                 {"type": "text", "text": "Compare them."}]}],
+    "multi_image": [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}],
+        }
+    ],
 }
 
 
@@ -596,8 +606,10 @@ def test_llava_hf_prompts_equal_the_processors(hf_reference, tmp_path, template,
     assert model.config.template == "processor_chat_template"
     processor = AutoProcessor.from_pretrained(folder)
     messages = CONVERSATIONS[name]
-    images = [_image(40 + 9 * k, 32 + 13 * k, k) for k in range(sum(
-        c["type"] == "image" for m in messages for c in m["content"]))]
+    images = [
+        _image(40 + 9 * k, 32 + 13 * k, k)
+        for k in range(sum(c["type"] == "image" for m in messages for c in m["content"]))
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     want = processor(text=[text], images=images, return_tensors="pt")
     batch, _ = Processor.for_model(model).prompt_batch([_ours(messages)], [images])
@@ -616,8 +628,13 @@ def test_llava_hf_greedy_text_equals_transformers(hf_reference, tmp_path, size):
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     model = unillava.load(folder)
     stops = model.processor.stop_token_ids
-    want = ref.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=stops,
-                        pad_token_id=model.tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1] :]
+    want = ref.generate(
+        **inputs,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=stops,
+        pad_token_id=model.tokenizer.pad_token_id,
+    )[0, inputs["input_ids"].shape[1] :]
     got = model._run([_ours(CONVERSATIONS["single"])], [[image]], GenerationSettings(max_new_tokens=12))
     assert got[0].tolist() == want.tolist()
 
@@ -627,8 +644,12 @@ def test_round_trip_keeps_the_checkpoints_template_byte_for_byte(hf_reference, t
     export_hf(load_model(folder), tmp_path / "out")
     assert AutoProcessor.from_pretrained(tmp_path / "out").chat_template == LLAVA_HF_TEMPLATE
     assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == LLAVA_HF_TEMPLATE
-    assert json.loads((tmp_path / "out" / "processor_config.json").read_text())["image_processor"][
-        "do_center_crop"] is True
+    assert (
+        json.loads((tmp_path / "out" / "processor_config.json").read_text())["image_processor"][
+            "do_center_crop"
+        ]
+        is True
+    )
     back = load_model(tmp_path / "out")
     assert (back.config.template, back.config.vision.image_mode) == ("processor_chat_template", "center_crop")
 

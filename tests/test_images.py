@@ -278,8 +278,12 @@ def test_pad_mode_equals_original_llava_expand2square_then_clip_processor(width:
     side = max(width, height)
     square = Image.new("RGB", (side, side), tuple(int(x * 255) for x in CLIP_MEAN))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
-    reference = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                      image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    reference = CLIPImageProcessorPil(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     want = reference(images=square, return_tensors="pt")["pixel_values"][0]
     got = ImagePreprocessor(size=32, mode="pad", mean=CLIP_MEAN, std=CLIP_STD)(image)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

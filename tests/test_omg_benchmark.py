@@ -45,11 +45,31 @@ def test_ablation_arms_differ_only_in_their_flags_and_data(bench, tmp_path, monk
         return 1.0
 
     monkeypatch.setattr(bench, "run_logged", fake_run)
-    bench.main(["--data", str(tmp_path / "data"), "--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "b"),
-                "--vqa-samples", "3", "--pixel-samples", "2", "--stage1-steps", "1", "--batch", "2"])
+    bench.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--segmenter",
+            str(tmp_path / "seg"),
+            "--out",
+            str(tmp_path / "b"),
+            "--vqa-samples",
+            "3",
+            "--pixel-samples",
+            "2",
+            "--stage1-steps",
+            "1",
+            "--batch",
+            "2",
+        ]
+    )
     table = capsys.readouterr().out
     assert "| full | yes | yes | mix | 0.500 |" in table and "| llava | no | no | VQA only |" in table
-    recipes = {Path(c[4]).parent.name + "/" + Path(c[4]).stem: load_train_config(c[4]) for c in commands if c[3] == "train"}
+    recipes = {
+        Path(c[4]).parent.name + "/" + Path(c[4]).stem: load_train_config(c[4])
+        for c in commands
+        if c[3] == "train"
+    }
     assert len(recipes) == 8
     for arm in bench.ABLATION:
         flags = bench.ARMS[arm]
@@ -60,8 +80,20 @@ def test_ablation_arms_differ_only_in_their_flags_and_data(bench, tmp_path, monk
         assert stage2.model_overrides == {"vision.extra.object_regularizer": 0.0}
         lines = Path(stage2.data.train_files[0]).read_text().splitlines()
         tasks = sorted(json.loads(line)["task"] for line in lines)
-        expected = ["vqa"] * 3 + (sorted(t for t in bench.PIXEL_TASKS for _ in range(2)) if flags["pixel_level"] else [])
+        expected = ["vqa"] * 3 + (
+            sorted(t for t in bench.PIXEL_TASKS for _ in range(2)) if flags["pixel_level"] else []
+        )
         assert tasks == sorted(expected)
-    bench.main(["--data", str(tmp_path / "data"), "--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "b"),
-                "--arms", "full"])
+    bench.main(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--segmenter",
+            str(tmp_path / "seg"),
+            "--out",
+            str(tmp_path / "b"),
+            "--arms",
+            "full",
+        ]
+    )
     assert len(commands) == 12  # a finished arm is not trained or evaluated again

@@ -33,8 +33,18 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from unillava.data.shapes import generate_dataset
 
     out = tmp_path_factory.mktemp("omg-train-shapes") / "data"
-    generate_dataset(out, 3, 5, n_val=1, n_test=1, min_size=96, max_size=128, difficulty="easy", workers=1,
-                     tasks=["refseg", "region_caption", "gcg"])
+    generate_dataset(
+        out,
+        3,
+        5,
+        n_val=1,
+        n_test=1,
+        min_size=96,
+        max_size=128,
+        difficulty="easy",
+        workers=1,
+        tasks=["refseg", "region_caption", "gcg"],
+    )
     return out
 
 
@@ -66,8 +76,13 @@ def _records(shapes: Path, task: str) -> list[dict]:
 
 def _dataset(model: OMGLlavaModel, files: list[Path], shapes: Path, **kwargs) -> SupervisedDataset:
     kwargs.setdefault("pixel_targets", True)
-    return SupervisedDataset(files, Processor.for_model(model), image_root=shapes,
-                             max_length=kwargs.pop("max_length", 512), **kwargs)
+    return SupervisedDataset(
+        files,
+        Processor.for_model(model),
+        image_root=shapes,
+        max_length=kwargs.pop("max_length", 512),
+        **kwargs,
+    )
 
 
 # -- (a) collate ------------------------------------------------------------------------------------
@@ -82,8 +97,11 @@ def test_collate_aligns_masks_and_prompts_with_their_rows(model, shapes):
     batch = data.collate([data[region], data[refseg], data[gcg + gcg_record]])
 
     # the reference: seg_batch converts the same records one by one
-    wanted = [_records(shapes, "region_caption")[0], _records(shapes, "refseg")[0],
-              _records(shapes, "gcg")[gcg_record]]
+    wanted = [
+        _records(shapes, "region_caption")[0],
+        _records(shapes, "refseg")[0],
+        _records(shapes, "gcg")[gcg_record],
+    ]
     reference = seg_batch(model, wanted, shapes)
     assert len(wanted[2]["masks"]) >= 2  # order matters for this row
     assert batch.seg_masks is not None and batch.visual_prompts is not None
@@ -112,7 +130,9 @@ def test_truncation_keeps_the_masks_of_the_seg_tokens_that_survive(model, shapes
     full = _dataset(model, [_task(shapes, "gcg")], shapes)
     ids = full[index].encoded.input_ids
     positions = [i for i, t in enumerate(ids) if t == model.seg_token_id]
-    cut = _dataset(model, [_task(shapes, "gcg")], shapes, max_length=positions[1])  # keeps only the first [SEG]
+    cut = _dataset(
+        model, [_task(shapes, "gcg")], shapes, max_length=positions[1]
+    )  # keeps only the first [SEG]
     item = cut[index]
     assert item.encoded.input_ids.count(model.seg_token_id) == 1
     assert torch.equal(item.seg_masks, full[index].seg_masks[:1])
@@ -134,15 +154,32 @@ def _bad_file(tmp_path: Path, shapes: Path, task: str, change) -> Path:
     ("task", "change", "message"),
     [
         ("refseg", lambda r: r["masks"][0].update(counts="!!not-rle"), r"masks\[0\]: 'counts' is not a COCO"),
-        ("refseg", lambda r: r["masks"][0].update(size=[3, 3]), r"masks\[0\]: 'counts' does not cover the 3x3"),
+        (
+            "refseg",
+            lambda r: r["masks"][0].update(size=[3, 3]),
+            r"masks\[0\]: 'counts' does not cover the 3x3",
+        ),
         ("refseg", lambda r: r["masks"].append(r["masks"][0]), r"field 'masks': 2 mask\(s\) but 1 '\[SEG\]'"),
-        ("refseg", lambda r: r["conversations"][0].update(value="<image>\nSegment [SEG]."),
-         r"conversations\[0\].value: '\[SEG\]' in a turn from the user"),
-        ("region_caption", lambda r: r.update(visual_prompts=[]), r"field 'visual_prompts': 0 prompt\(s\) but 1"),
-        ("region_caption", lambda r: r["visual_prompts"][0].update(type="circle"),
-         r"visual_prompts\[0\]: 'type' must be one of box, point, mask"),
-        ("region_caption", lambda r: r["visual_prompts"][0].update(image_index=1),
-         r"visual_prompts\[0\]: 'image_index' must be an image of the record"),
+        (
+            "refseg",
+            lambda r: r["conversations"][0].update(value="<image>\nSegment [SEG]."),
+            r"conversations\[0\].value: '\[SEG\]' in a turn from the user",
+        ),
+        (
+            "region_caption",
+            lambda r: r.update(visual_prompts=[]),
+            r"field 'visual_prompts': 0 prompt\(s\) but 1",
+        ),
+        (
+            "region_caption",
+            lambda r: r["visual_prompts"][0].update(type="circle"),
+            r"visual_prompts\[0\]: 'type' must be one of box, point, mask",
+        ),
+        (
+            "region_caption",
+            lambda r: r["visual_prompts"][0].update(image_index=1),
+            r"visual_prompts\[0\]: 'image_index' must be an image of the record",
+        ),
     ],
 )
 def test_malformed_pixel_fields_name_file_and_line(model, shapes, tmp_path, task, change, message):
@@ -169,16 +206,30 @@ def test_masks_of_another_size_than_the_image_name_file_and_line(model, shapes, 
 
 
 def _stage2(stage1_dir: Path, shapes: Path, out: Path, train_file: Path, *extra: str) -> Trainer:
-    overrides = [f"init_from={stage1_dir}", f"data.train_files=[{train_file}]", f"data.image_root={shapes}",
-                 f"output_dir={out}", *extra]
+    overrides = [
+        f"init_from={stage1_dir}",
+        f"data.train_files=[{train_file}]",
+        f"data.image_root={shapes}",
+        f"output_dir={out}",
+        *extra,
+    ]
     return Trainer(load_train_config(TINY / "omg-stage2.yaml", overrides))
 
 
 def test_stage2_recipe_trains_the_seg_head_with_mask_losses(stage1_dir, shapes, tmp_path):
-    trainer = _stage2(stage1_dir, shapes, tmp_path, _task(shapes, "refseg"), "max_steps=2",
-                      "per_device_batch_size=2", "global_batch_size=2")
+    trainer = _stage2(
+        stage1_dir,
+        shapes,
+        tmp_path,
+        _task(shapes, "refseg"),
+        "max_steps=2",
+        "per_device_batch_size=2",
+        "global_batch_size=2",
+    )
     assert trainer.model.vision_tower.object_regularizer == 0.0  # the recipe's model_overrides
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("language_model.")}
+    before = {
+        k: v.clone() for k, v in trainer.model.state_dict().items() if not k.startswith("language_model.")
+    }
     result = trainer.train()
     after = trainer.model.state_dict()
     for step in (1, 2):
@@ -206,8 +257,17 @@ def test_one_batch_of_two_equals_two_accumulated_micro_batches(stage1_dir, shape
     runs = {}
     for name, micro in (("one", 2), ("accum", 1)):
         out = tmp_path / name
-        trainer = _stage2(stage1_dir, shapes, out, train_file, "max_steps=1", "lora.dropout=0.0",
-                          "model_overrides={}", f"per_device_batch_size={micro}", "global_batch_size=2")
+        trainer = _stage2(
+            stage1_dir,
+            shapes,
+            out,
+            train_file,
+            "max_steps=1",
+            "lora.dropout=0.0",
+            "model_overrides={}",
+            f"per_device_batch_size={micro}",
+            "global_batch_size=2",
+        )
         assert trainer.grad_accum == 2 // micro
         result = trainer.train()
         step = next(json.loads(line) for line in (out / LOG_NAME).read_text().splitlines() if "loss" in line)
@@ -228,11 +288,21 @@ def test_model_overrides_errors_name_the_field(stage1_dir, shapes, tmp_path, cap
         assert check_override_keys(ModelConfig, overrides, "model_overrides") == {
             "vision.extra.object_regularizer": 0.0
         }, recipe
-    base = [f"init_from={stage1_dir}", f"data.train_files=[{_task(shapes, 'refseg')}]",
-            f"data.image_root={shapes}", f"output_dir={tmp_path}"]
+    base = [
+        f"init_from={stage1_dir}",
+        f"data.train_files=[{_task(shapes, 'refseg')}]",
+        f"data.image_root={shapes}",
+        f"output_dir={tmp_path}",
+    ]
     for override, expected in (
-        ("model_overrides={vision.extraa.object_regularizer: 0}", "model_overrides: unknown key 'vision.extraa"),
-        ("model_overrides={vision.extra.object_regulariser: 0}", "model_overrides: vision.extra: unknown key"),
+        (
+            "model_overrides={vision.extraa.object_regularizer: 0}",
+            "model_overrides: unknown key 'vision.extraa",
+        ),
+        (
+            "model_overrides={vision.extra.object_regulariser: 0}",
+            "model_overrides: vision.extra: unknown key",
+        ),
         ("model_overrides={vision.image_size: big}", "model_overrides.vision.image_size"),
     ):
         assert train_cmd.main([str(TINY / "omg-stage2.yaml"), *base, override]) == 2

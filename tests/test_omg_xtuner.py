@@ -25,9 +25,16 @@ D, HEADS, QUERIES, LAYERS, EMBED = 32, 4, 8, 3, 16  # decoder width, heads, quer
 CLASSES, PROTOTYPES = 5, 2
 H, LLM_HEADS, KV_HEADS, LLM_LAYERS, FF, RANK, ALPHA = 64, 4, 2, 2, 96, 4, 8.0
 IMAGE = 128
-UNUSED_SEGMENTER = {"backbone.head.0.norm.weight", "backbone.head.0.norm.bias", "backbone.head.1.mlp.fc1.weight",
-                    "backbone.head.1.mlp.fc1.bias", "backbone.head.1.mlp.fc2.weight", "panoptic_head.iou_embed.0.weight",
-                    "panoptic_head.iou_embed.0.bias", "panoptic_head.future_part.weight"}
+UNUSED_SEGMENTER = {
+    "backbone.head.0.norm.weight",
+    "backbone.head.0.norm.bias",
+    "backbone.head.1.mlp.fc1.weight",
+    "backbone.head.1.mlp.fc1.bias",
+    "backbone.head.1.mlp.fc2.weight",
+    "panoptic_head.iou_embed.0.weight",
+    "panoptic_head.iou_embed.0.bias",
+    "panoptic_head.future_part.weight",
+}
 
 
 class Weights(dict):
@@ -77,7 +84,10 @@ def omg_seg_state() -> dict[str, torch.Tensor]:
     w.linear(layer + "self_attn.value_proj", D, D)
     # zero output projection: the deformable attention adds nothing, so the pixel decoder has a short
     # hand-written reference below (its other weights are plain renames, checked by value)
-    w[layer + "self_attn.output_proj.weight"], w[layer + "self_attn.output_proj.bias"] = torch.zeros(D, D), torch.zeros(D)
+    w[layer + "self_attn.output_proj.weight"], w[layer + "self_attn.output_proj.bias"] = (
+        torch.zeros(D, D),
+        torch.zeros(D),
+    )
     w.norm(layer + "norms.0", D)
     w.norm(layer + "norms.1", D)
     w.linear(layer + "ffn.layers.0.0", 64, D)
@@ -118,19 +128,41 @@ def omg_seg_state() -> dict[str, torch.Tensor]:
 
 
 def class_embeddings() -> torch.Tensor:
-    return F.normalize(torch.randn(CLASSES, PROTOTYPES, EMBED, generator=torch.Generator().manual_seed(1)), dim=-1)
+    return F.normalize(
+        torch.randn(CLASSES, PROTOTYPES, EMBED, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
 
 
 def train_sentencepiece(folder) -> None:
     import sentencepiece
 
     text = folder / "corpus.txt"
-    text.write_text("\n".join(["Please segment the cat in this image.", "What is in the region? A red circle.",
-                               "the quick brown fox jumps over the lazy dog", "数字 123 and more text"] * 40))
+    text.write_text(
+        "\n".join(
+            [
+                "Please segment the cat in this image.",
+                "What is in the region? A red circle.",
+                "the quick brown fox jumps over the lazy dog",
+                "数字 123 and more text",
+            ]
+            * 40
+        )
+    )
     sentencepiece.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "tokenizer"), vocab_size=360, model_type="bpe",
-        user_defined_symbols=["<|im_start|>", "<|im_end|>"], byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+        input=str(text),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=360,
+        model_type="bpe",
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     (folder / "tokenizer.vocab").unlink()
     text.unlink()
 
@@ -165,8 +197,13 @@ def xtuner_pth(vocab: int) -> dict[str, torch.Tensor]:
     modules = {"output": (vocab + 4, H)}
     for i in range(LLM_LAYERS):
         p = f"model.layers.{i}."
-        modules |= {p + "attention.wqkv": ((LLM_HEADS + 2 * KV_HEADS) * head_dim, H), p + "attention.wo": (H, H),
-                    p + "feed_forward.w1": (FF, H), p + "feed_forward.w3": (FF, H), p + "feed_forward.w2": (H, FF)}
+        modules |= {
+            p + "attention.wqkv": ((LLM_HEADS + 2 * KV_HEADS) * head_dim, H),
+            p + "attention.wo": (H, H),
+            p + "feed_forward.w1": (FF, H),
+            p + "feed_forward.w3": (FF, H),
+            p + "feed_forward.w2": (H, FF),
+        }
     for module, (out, inp) in modules.items():
         w.add(f"{llm}{module}.lora_A.default.weight", RANK, inp)
         w.add(f"{llm}{module}.lora_B.default.weight", out, RANK, scale=0.1)
@@ -179,7 +216,9 @@ def xtuner_pth(vocab: int) -> dict[str, torch.Tensor]:
     w.add("projector.model.seperate_embed.weight", 1, H)
     w.linear("projector_text2vision.model.0", query, H)
     w.linear("projector_text2vision.model.2", query, query)
-    w.linear("projector.model.visual_prompt_query_proj", pixel, query)  # the visual_prompt_proj variant's copy
+    w.linear(
+        "projector.model.visual_prompt_query_proj", pixel, query
+    )  # the visual_prompt_proj variant's copy
     return dict(w)
 
 
@@ -193,33 +232,76 @@ def released(tmp_path_factory):
     llm.mkdir()
     train_sentencepiece(llm)
     vocab = sentencepiece.SentencePieceProcessor(model_file=str(llm / "tokenizer.model")).get_piece_size()
-    (llm / "config.json").write_text(json.dumps({
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
-        "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
-        "hidden_size": H, "intermediate_size": FF, "num_attention_heads": LLM_HEADS, "num_key_value_heads": KV_HEADS,
-        "num_hidden_layers": LLM_LAYERS, "rms_norm_eps": 1e-5, "rope_theta": 1000000,
-        "rope_scaling": {"type": "dynamic", "factor": 2.0}, "max_position_embeddings": 256, "vocab_size": vocab,
-        "bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
-        "hidden_act": "silu"}))
-    (llm / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "InternLM2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-        "added_tokens_decoder": {"3": {"content": "<|im_start|>", "special": True},
-                                 "4": {"content": "<|im_end|>", "special": True}}}))
+    (llm / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["InternLM2ForCausalLM"],
+                "model_type": "internlm2",
+                "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+                "hidden_size": H,
+                "intermediate_size": FF,
+                "num_attention_heads": LLM_HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "num_hidden_layers": LLM_LAYERS,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 1000000,
+                "rope_scaling": {"type": "dynamic", "factor": 2.0},
+                "max_position_embeddings": 256,
+                "vocab_size": vocab,
+                "bias": False,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "pad_token_id": 2,
+                "tie_word_embeddings": False,
+                "hidden_act": "silu",
+            }
+        )
+    )
+    (llm / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "InternLM2Tokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "added_tokens_decoder": {
+                    "3": {"content": "<|im_start|>", "special": True},
+                    "4": {"content": "<|im_end|>", "special": True},
+                },
+            }
+        )
+    )
     base = internlm2_state(vocab)
     save_file(base, str(llm / "model.safetensors"))
     segmenter, pth = omg_seg_state(), xtuner_pth(vocab)
     torch.save({"meta": {"epoch": 12}, "state_dict": segmenter}, root / "omg_seg_convl.pth")
     torch.save(class_embeddings(), root / "ov_classes.pth")
     torch.save(pth, root / "omg_llava_7b_finetune_8gpus.pth")
-    return {"root": root, "llm": llm, "vocab": vocab, "base": base, "segmenter": segmenter, "pth": pth,
-            "seg_path": root / "omg_seg_convl.pth", "pth_path": root / "omg_llava_7b_finetune_8gpus.pth",
-            "ov_path": root / "ov_classes.pth"}
+    return {
+        "root": root,
+        "llm": llm,
+        "vocab": vocab,
+        "base": base,
+        "segmenter": segmenter,
+        "pth": pth,
+        "seg_path": root / "omg_seg_convl.pth",
+        "pth_path": root / "omg_llava_7b_finetune_8gpus.pth",
+        "ov_path": root / "ov_classes.pth",
+    }
 
 
 def convert(released, out, **overrides):
-    kwargs = {"segmenter": released["seg_path"], "llm": released["llm"], "class_embeddings": released["ov_path"],
-              "lora_alpha": ALPHA, "image_size": IMAGE, "dtype": torch.float32}
+    kwargs = {
+        "segmenter": released["seg_path"],
+        "llm": released["llm"],
+        "class_embeddings": released["ov_path"],
+        "lora_alpha": ALPHA,
+        "image_size": IMAGE,
+        "dtype": torch.float32,
+    }
     pth = overrides.pop("pth", released["pth_path"])
     return convert_xtuner_checkpoint(pth, out, **(kwargs | overrides))
 
@@ -239,8 +321,10 @@ def test_every_released_key_is_loaded_or_reported(released, converted):
     assert set(result.unused[seg]) == UNUSED_SEGMENTER
     assert "unknown key" in result.unused[seg]["panoptic_head.future_part.weight"]
     assert "IoU head" in result.unused[seg]["panoptic_head.iou_embed.0.weight"]
-    assert set(result.unused[pth]) == {"projector.model.visual_prompt_query_proj.weight",
-                                       "projector.model.visual_prompt_query_proj.bias"}
+    assert set(result.unused[pth]) == {
+        "projector.model.visual_prompt_query_proj.weight",
+        "projector.model.visual_prompt_query_proj.bias",
+    }
     report = json.loads((result.out_dir / REPORT_NAME).read_text())
     assert report["not_loaded"] == result.unused
     assert any("r=4, alpha=8, scale 2" in note for note in result.notes)
@@ -254,8 +338,12 @@ def test_every_released_key_is_loaded_or_reported(released, converted):
     assert torch.equal(tower.separator, sd["projector.model.seperate_embed.weight"][0])
     assert torch.equal(tower.seg_head[0].weight, sd["projector_text2vision.model.0.weight"])
     attention = tower.perception.model.pixel_level_module.decoder.encoder.layers[0].self_attn
-    assert torch.equal(attention.sampling_offsets.weight,
-                       released["segmenter"]["panoptic_head.pixel_decoder.encoder.layers.0.self_attn.sampling_offsets.weight"])
+    assert torch.equal(
+        attention.sampling_offsets.weight,
+        released["segmenter"][
+            "panoptic_head.pixel_decoder.encoder.layers.0.self_attn.sampling_offsets.weight"
+        ],
+    )
 
 
 def test_tokenizer_keeps_the_released_token_ids(released, converted):
@@ -281,10 +369,14 @@ def test_split_wqkv_follows_internlm2_packing():
     packed = torch.tensor([[h * 100 + s * 10 + d] for h, s, d in labels], dtype=torch.float32)
     q, k, v = split_wqkv(packed, heads, kv_heads)
     # query head i = h * g + j is slot j of KV head h; k and v are slots g and g + 1
-    expected_q = [h * 100 + j * 10 + d for h in range(kv_heads) for j in range(groups) for d in range(head_dim)]
+    expected_q = [
+        h * 100 + j * 10 + d for h in range(kv_heads) for j in range(groups) for d in range(head_dim)
+    ]
     assert q[:, 0].tolist() == expected_q
     assert k[:, 0].tolist() == [h * 100 + groups * 10 + d for h in range(kv_heads) for d in range(head_dim)]
-    assert v[:, 0].tolist() == [h * 100 + (groups + 1) * 10 + d for h in range(kv_heads) for d in range(head_dim)]
+    assert v[:, 0].tolist() == [
+        h * 100 + (groups + 1) * 10 + d for h in range(kv_heads) for d in range(head_dim)
+    ]
 
 
 def internlm2_reference(base, pth, ids: torch.Tensor) -> torch.Tensor:
@@ -312,7 +404,7 @@ def internlm2_reference(base, pth, ids: torch.Tensor) -> torch.Tensor:
     cos, sin = torch.cat([freqs, freqs], -1).cos()[:, None], torch.cat([freqs, freqs], -1).sin()[:, None]
 
     def rotate(x):
-        return x * cos + torch.cat([-x[..., head_dim // 2:], x[..., : head_dim // 2]], -1) * sin
+        return x * cos + torch.cat([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], -1) * sin
 
     hidden = weights["model.tok_embeddings.weight"][ids]
     causal = torch.full((steps, steps), float("-inf")).triu(1)
@@ -327,8 +419,9 @@ def internlm2_reference(base, pth, ids: torch.Tensor) -> torch.Tensor:
         attended = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(steps, H)
         hidden = hidden + linear(attended, p + "attention.wo")
         x = rms(hidden, weights[p + "ffn_norm.weight"])
-        hidden = hidden + linear(F.silu(linear(x, p + "feed_forward.w1")) * linear(x, p + "feed_forward.w3"),
-                                 p + "feed_forward.w2")
+        hidden = hidden + linear(
+            F.silu(linear(x, p + "feed_forward.w1")) * linear(x, p + "feed_forward.w3"), p + "feed_forward.w2"
+        )
     return linear(rms(hidden, weights["model.norm.weight"]), "output")
 
 
@@ -347,13 +440,18 @@ def test_converted_llama_reproduces_internlm2_with_lora(released, converted):
 
 
 def layer_norm_2d(x, sd, name):
-    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], sd[name + ".weight"], sd[name + ".bias"], 1e-6).permute(0, 3, 1, 2)
+    return F.layer_norm(
+        x.permute(0, 2, 3, 1), x.shape[1:2], sd[name + ".weight"], sd[name + ".bias"], 1e-6
+    ).permute(0, 3, 1, 2)
 
 
 def timm_convnext(sd, pixels):
     """The four stage outputs of open_clip's timm ConvNeXt, as OMG-Seg's backbone returns them."""
-    x = layer_norm_2d(F.conv2d(pixels, sd["backbone.stem.0.weight"], sd["backbone.stem.0.bias"], stride=4), sd,
-                      "backbone.stem.1")
+    x = layer_norm_2d(
+        F.conv2d(pixels, sd["backbone.stem.0.weight"], sd["backbone.stem.0.bias"], stride=4),
+        sd,
+        "backbone.stem.1",
+    )
     outs = []
     for i in range(4):
         stage = f"backbone.layer{i + 1}."
@@ -362,9 +460,14 @@ def timm_convnext(sd, pixels):
             x = F.conv2d(x, sd[stage + "downsample.1.weight"], sd[stage + "downsample.1.bias"], stride=2)
         b = stage + "blocks.0."
         y = F.conv2d(x, sd[b + "conv_dw.weight"], sd[b + "conv_dw.bias"], padding=3, groups=x.shape[1])
-        y = F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], sd[b + "norm.weight"], sd[b + "norm.bias"], 1e-6)
-        y = F.linear(F.gelu(F.linear(y, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])), sd[b + "mlp.fc2.weight"],
-                     sd[b + "mlp.fc2.bias"])
+        y = F.layer_norm(
+            y.permute(0, 2, 3, 1), y.shape[1:2], sd[b + "norm.weight"], sd[b + "norm.bias"], 1e-6
+        )
+        y = F.linear(
+            F.gelu(F.linear(y, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+            sd[b + "mlp.fc2.weight"],
+            sd[b + "mlp.fc2.bias"],
+        )
         x = x + (y * sd[b + "gamma"]).permute(0, 3, 1, 2)
         outs.append(x)
     return outs
@@ -384,15 +487,27 @@ def pixel_decoder(sd, feats):
 
     outs = []
     for i in range(3):  # coarse to fine, input_convs[i] on level 3 - i
-        x = group_norm(F.conv2d(feats[3 - i], sd[f"{p}input_convs.{i}.conv.weight"], sd[f"{p}input_convs.{i}.conv.bias"]),
-                       sd, f"{p}input_convs.{i}.gn").permute(0, 2, 3, 1)
+        x = group_norm(
+            F.conv2d(
+                feats[3 - i], sd[f"{p}input_convs.{i}.conv.weight"], sd[f"{p}input_convs.{i}.conv.bias"]
+            ),
+            sd,
+            f"{p}input_convs.{i}.gn",
+        ).permute(0, 2, 3, 1)
         x = ln(x, enc + "norms.0")
-        ffn = F.linear(F.relu(F.linear(x, sd[enc + "ffn.layers.0.0.weight"], sd[enc + "ffn.layers.0.0.bias"])),
-                       sd[enc + "ffn.layers.1.weight"], sd[enc + "ffn.layers.1.bias"])
+        ffn = F.linear(
+            F.relu(F.linear(x, sd[enc + "ffn.layers.0.0.weight"], sd[enc + "ffn.layers.0.0.bias"])),
+            sd[enc + "ffn.layers.1.weight"],
+            sd[enc + "ffn.layers.1.bias"],
+        )
         outs.append(ln(x + ffn, enc + "norms.1").permute(0, 3, 1, 2))
-    lateral = group_norm(F.conv2d(feats[0], sd[p + "lateral_convs.0.conv.weight"]), sd, p + "lateral_convs.0.gn")
+    lateral = group_norm(
+        F.conv2d(feats[0], sd[p + "lateral_convs.0.conv.weight"]), sd, p + "lateral_convs.0.gn"
+    )
     y = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-    y = F.relu(group_norm(F.conv2d(y, sd[p + "output_convs.0.conv.weight"], padding=1), sd, p + "output_convs.0.gn"))
+    y = F.relu(
+        group_norm(F.conv2d(y, sd[p + "output_convs.0.conv.weight"], padding=1), sd, p + "output_convs.0.gn")
+    )
     return outs, F.conv2d(y, sd[p + "mask_feature.weight"], sd[p + "mask_feature.bias"])
 
 
@@ -417,8 +532,14 @@ def sine_3d(batch, height, width, feats=D // 2, temperature=10000, eps=1e-6):
 
 def mha(sd, name):
     module = torch.nn.MultiheadAttention(D, HEADS, batch_first=True)
-    module.load_state_dict({"in_proj_weight": sd[name + ".in_proj_weight"], "in_proj_bias": sd[name + ".in_proj_bias"],
-                            "out_proj.weight": sd[name + ".out_proj.weight"], "out_proj.bias": sd[name + ".out_proj.bias"]})
+    module.load_state_dict(
+        {
+            "in_proj_weight": sd[name + ".in_proj_weight"],
+            "in_proj_bias": sd[name + ".in_proj_bias"],
+            "out_proj.weight": sd[name + ".out_proj.weight"],
+            "out_proj.bias": sd[name + ".out_proj.bias"],
+        }
+    )
     return module
 
 
@@ -438,7 +559,9 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features, query=None, query_pos=None
         return x
 
     batch = mask_features.shape[0]
-    inputs = [m.flatten(2).transpose(1, 2) + sd[head + "level_embed.weight"][i] for i, m in enumerate(multi_scale)]
+    inputs = [
+        m.flatten(2).transpose(1, 2) + sd[head + "level_embed.weight"][i] for i, m in enumerate(multi_scale)
+    ]
     positions = [sine_3d(batch, *m.shape[-2:]) for m in multi_scale]
     query = sd[head + "query_feat.weight"].expand(batch, -1, -1) if query is None else query
     query_pos = sd[head + "query_embed.weight"].expand(batch, -1, -1) if query_pos is None else query_pos
@@ -448,9 +571,14 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features, query=None, query_pos=None
         normed = ln(q, dec + "post_norm")
         masks = torch.einsum("bqc,bchw->bqhw", mlp(normed, head + "mask_embed", (0, 2, 4)), mask_features)
         binary = (masks > 0).float()
-        pooled = torch.einsum("bchw,bqhw->bqc", mask_features, binary / (binary.sum((-1, -2), keepdim=True) + 1e-8))
-        pooled = F.linear(ln(pooled, head + "mask_pooling_proj.0"), sd[head + "mask_pooling_proj.1.weight"],
-                          sd[head + "mask_pooling_proj.1.bias"])
+        pooled = torch.einsum(
+            "bchw,bqhw->bqc", mask_features, binary / (binary.sum((-1, -2), keepdim=True) + 1e-8)
+        )
+        pooled = F.linear(
+            ln(pooled, head + "mask_pooling_proj.0"),
+            sd[head + "mask_pooling_proj.1.weight"],
+            sd[head + "mask_pooling_proj.1.bias"],
+        )
         embedding = F.normalize(mlp(pooled + normed, head + "cls_proj", (0, 2, 4)), dim=-1)
         classes = torch.einsum("bnc,ckp->bnkp", embedding, text).max(-1).values * math.exp(4.6052)
         resized = F.interpolate(masks, size, mode="bilinear", align_corners=False)
@@ -464,10 +592,17 @@ def mmdet_decoder(sd, ov, multi_scale, mask_features, query=None, query_pos=None
         attn[attn.all(-1)] = False
         layer = f"{dec}layers.{i}."
         with torch.no_grad():
-            cross = mha(sd, layer + "cross_attn.attn")(query + query_pos, inputs[level] + positions[level], inputs[level],
-                                                       attn_mask=attn, need_weights=False)[0]
+            cross = mha(sd, layer + "cross_attn.attn")(
+                query + query_pos,
+                inputs[level] + positions[level],
+                inputs[level],
+                attn_mask=attn,
+                need_weights=False,
+            )[0]
             query = ln(query + cross, layer + "norms.0")
-            self_out = mha(sd, layer + "self_attn.attn")(query + query_pos, query + query_pos, query, need_weights=False)[0]
+            self_out = mha(sd, layer + "self_attn.attn")(
+                query + query_pos, query + query_pos, query, need_weights=False
+            )[0]
             query = ln(query + self_out, layer + "norms.1")
             query = ln(query + mlp(query, layer + "ffn.layers", ("0.0", "1")), layer + "norms.2")
         classes, masks, attn = predict(query, multi_scale[(i + 1) % 3].shape[-2:])
@@ -482,7 +617,9 @@ def test_converted_segmenter_matches_the_released_computation(released, converte
     pixels = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         backbone = perception.model.pixel_level_module.encoder(pixels).feature_maps
-        for ours, theirs in zip(backbone, timm_convnext(sd, pixels), strict=True):  # raw stage outputs, no norm
+        for ours, theirs in zip(
+            backbone, timm_convnext(sd, pixels), strict=True
+        ):  # raw stage outputs, no norm
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
         pixel = perception.model.pixel_level_module(pixels)
         multi_scale, mask_features = pixel_decoder(sd, list(backbone))
@@ -490,13 +627,18 @@ def test_converted_segmenter_matches_the_released_computation(released, converte
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(pixel.decoder_last_hidden_state, mask_features, atol=1e-4, rtol=1e-4)
         out = perception(pixels)
-        expected, queries = mmdet_decoder(sd, class_embeddings(), list(pixel.decoder_hidden_states),
-                                          pixel.decoder_last_hidden_state)
+        expected, queries = mmdet_decoder(
+            sd, class_embeddings(), list(pixel.decoder_hidden_states), pixel.decoder_last_hidden_state
+        )
     assert len(out.class_logits) == len(expected) == LAYERS + 1
-    for ours_classes, ours_masks, (classes, masks) in zip(out.class_logits, out.mask_logits, expected, strict=True):
+    for ours_classes, ours_masks, (classes, masks) in zip(
+        out.class_logits, out.mask_logits, expected, strict=True
+    ):
         torch.testing.assert_close(ours_masks, masks, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(ours_classes, classes, atol=1e-3, rtol=1e-4)
-    torch.testing.assert_close(out.queries, queries, atol=1e-4, rtol=1e-4)  # what OMG-LLaVA's tokens are built from
+    torch.testing.assert_close(
+        out.queries, queries, atol=1e-4, rtol=1e-4
+    )  # what OMG-LLaVA's tokens are built from
     assert out.class_logits[-1].shape == (2, QUERIES, CLASSES + 1)
     assert (out.class_logits[-1][..., -1] == 0).all()  # the zero background prototype
 
@@ -515,7 +657,9 @@ def released_prompt_start(sd, points):
         v = (v * 2 * math.pi)[:, None] / dim_t
         return torch.stack((v[:, 0::2].sin(), v[:, 1::2].cos()), dim=-1).flatten(1)
 
-    encoding = torch.cat([encode(boxes[:, 1]), encode(boxes[:, 0]), encode(boxes[:, 2]), encode(boxes[:, 3])], -1)
+    encoding = torch.cat(
+        [encode(boxes[:, 1]), encode(boxes[:, 0]), encode(boxes[:, 2]), encode(boxes[:, 3])], -1
+    )
     position = F.linear(encoding, sd["panoptic_head.pos_linear.weight"], sd["panoptic_head.pos_linear.bias"])
     content = sd["panoptic_head.pb_embedding.weight"][0] + sd["panoptic_head.mask_tokens.weight"][0]
     return content.expand(len(points), -1)[:, None], position[:, None]
@@ -549,17 +693,30 @@ def test_visual_prompts_use_the_released_prompt_queries(released, converted):
         def box_rule(resized):
             h, w = resized.shape[-2:]
             inside = torch.zeros(h, w, dtype=torch.bool)
-            inside[int(64 / IMAGE * h): int(128 / IMAGE * h), int(32 / IMAGE * w): int(96 / IMAGE * w)] = True
+            inside[int(64 / IMAGE * h) : int(128 / IMAGE * h), int(32 / IMAGE * w) : int(96 / IMAGE * w)] = (
+                True
+            )
             return torch.where(inside, resized, torch.full_like(resized, -100.0)).flatten(2).sigmoid() < 0.5
 
         def mask_rule(resized):
-            return ~F.interpolate(mask[None, None].float(), resized.shape[-2:], mode="nearest").flatten(2).bool()
+            return (
+                ~F.interpolate(mask[None, None].float(), resized.shape[-2:], mode="nearest").flatten(2).bool()
+            )
 
-        anchors = torch.tensor([[64.0, 96.0], [50.5, 70.5], [regions[2].anchor[0] * IMAGE, regions[2].anchor[1] * IMAGE]])
+        anchors = torch.tensor(
+            [[64.0, 96.0], [50.5, 70.5], [regions[2].anchor[0] * IMAGE, regions[2].anchor[1] * IMAGE]]
+        )
         content, position = released_prompt_start(sd, anchors)
         for row, rule in enumerate((box_rule, None, mask_rule)):
-            _, query = mmdet_decoder(sd, class_embeddings(), levels, mask_features, content[row : row + 1],
-                                     position[row : row + 1], restrict=rule)
+            _, query = mmdet_decoder(
+                sd,
+                class_embeddings(),
+                levels,
+                mask_features,
+                content[row : row + 1],
+                position[row : row + 1],
+                restrict=rule,
+            )
             expected = torch.cat([query[0, 0], position[row, 0]])
             torch.testing.assert_close(ours[row], expected, atol=1e-4, rtol=1e-4)
         mean_start = encode_prompts(model_with_mean_queries(perception), memory, regions)
@@ -579,30 +736,41 @@ def test_trainable_decoder_copy_loads_as_the_seg_decoder(released, tmp_path):
     pth = dict(released["pth"])
     copies = {}
     for key, value in released["segmenter"].items():
-        for source, target in (("panoptic_head.transformer_decoder.", "transformer_decoder_llm."),
-                               ("panoptic_head.mask_embed.", "mask_embed_llm.")):
+        for source, target in (
+            ("panoptic_head.transformer_decoder.", "transformer_decoder_llm."),
+            ("panoptic_head.mask_embed.", "mask_embed_llm."),
+        ):
             if key.startswith(source):
-                copies["visual_encoder.panoptic_head." + target + key[len(source):]] = value + 1
+                copies["visual_encoder.panoptic_head." + target + key[len(source) :]] = value + 1
     pth |= copies
     torch.save(pth, tmp_path / "refseg.pth")
     result = convert(released, tmp_path / "model", pth=tmp_path / "refseg.pth")
     model = load_model(result.out_dir)
     assert model.config.vision.extra["seg_decoder"] == "trainable"
     copy = model.vision_tower.seg_decoder
-    assert torch.equal(copy.layers[1].fc1.weight, copies["visual_encoder.panoptic_head.transformer_decoder_llm."
-                                                          "layers.1.ffn.layers.0.0.weight"])
-    assert torch.equal(copy.get_submodule("mask_predictor.mask_embedder.2.0").bias,
-                       copies["visual_encoder.panoptic_head.mask_embed_llm.4.bias"])
-    assert not torch.equal(copy.layers[1].fc1.weight, model.vision_tower.perception.model.transformer_module
-                           .decoder.layers[1].fc1.weight)
+    assert torch.equal(
+        copy.layers[1].fc1.weight,
+        copies["visual_encoder.panoptic_head.transformer_decoder_llm.layers.1.ffn.layers.0.0.weight"],
+    )
+    assert torch.equal(
+        copy.get_submodule("mask_predictor.mask_embedder.2.0").bias,
+        copies["visual_encoder.panoptic_head.mask_embed_llm.4.bias"],
+    )
+    assert not torch.equal(
+        copy.layers[1].fc1.weight,
+        model.vision_tower.perception.model.transformer_module.decoder.layers[1].fc1.weight,
+    )
 
 
-@pytest.mark.parametrize(("where", "key"), [
-    ("segmenter", "panoptic_head.transformer_decoder.layers.1.ffn.layers.1.weight"),
-    ("segmenter", "backbone.layer3.blocks.0.gamma"),
-    ("llm", "model.layers.1.feed_forward.w2.weight"),
-    ("pth", "projector.model.query_proj.weight"),
-])
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        ("segmenter", "panoptic_head.transformer_decoder.layers.1.ffn.layers.1.weight"),
+        ("segmenter", "backbone.layer3.blocks.0.gamma"),
+        ("llm", "model.layers.1.feed_forward.w2.weight"),
+        ("pth", "projector.model.query_proj.weight"),
+    ],
+)
 def test_a_missing_key_is_named_with_its_file(released, tmp_path, where, key):
     paths = {}
     if where == "segmenter":
@@ -636,17 +804,27 @@ def test_open_vocabulary_head_needs_the_class_embeddings(released, tmp_path):
 
 def test_open_clip_backbone_for_a_segmenter_without_one(released):
     segmenter = {k: v for k, v in released["segmenter"].items() if not k.startswith("backbone.")}
-    open_clip = {"visual.trunk." + re.sub(r"^layer(\d)", lambda m: f"stages.{int(m.group(1)) - 1}", k[9:]): v
-                 for k, v in released["segmenter"].items()
-                 if k.startswith("backbone.") and not k.startswith("backbone.head.")}  # timm names, CLIP prefix
-    open_clip |= {"visual.trunk.head.norm.weight": torch.ones(WIDTHS[-1]), "visual.trunk.head.norm.bias": torch.zeros(WIDTHS[-1]),
-                  "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1)}
-    config, state, unused = convert_segmenter(segmenter, "seg.pth", class_embeddings(), open_clip, "open_clip.bin")
+    open_clip = {
+        "visual.trunk." + re.sub(r"^layer(\d)", lambda m: f"stages.{int(m.group(1)) - 1}", k[9:]): v
+        for k, v in released["segmenter"].items()
+        if k.startswith("backbone.") and not k.startswith("backbone.head.")
+    }  # timm names, CLIP prefix
+    open_clip |= {
+        "visual.trunk.head.norm.weight": torch.ones(WIDTHS[-1]),
+        "visual.trunk.head.norm.bias": torch.zeros(WIDTHS[-1]),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3, 1),
+    }
+    config, state, unused = convert_segmenter(
+        segmenter, "seg.pth", class_embeddings(), open_clip, "open_clip.bin"
+    )
     _, reference, _ = convert_segmenter(released["segmenter"], "seg.pth", class_embeddings())
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[k], reference[k]) for k in state)
-    assert set(unused["open_clip.bin"]) == {"transformer.resblocks.0.attn.in_proj_weight",
-                                            "visual.trunk.head.norm.weight", "visual.trunk.head.norm.bias"}
+    assert set(unused["open_clip.bin"]) == {
+        "transformer.resblocks.0.attn.in_proj_weight",
+        "visual.trunk.head.norm.weight",
+        "visual.trunk.head.norm.bias",
+    }
     assert config["backbone_config"]["depths"] == [1, 1, 1, 1] and config["decoder_layers"] == LAYERS + 1
 
 
@@ -654,11 +832,45 @@ def test_convert_cli(released, tmp_path, capsys):
     from unillava.cli import main
 
     out = tmp_path / "model"
-    code = main(["convert", "omg-xtuner", "--pth", str(released["pth_path"]), "--segmenter", str(released["seg_path"]),
-                 "--llm", str(released["llm"]), "--class-embeddings", str(released["ov_path"]),
-                 "--lora-alpha", str(ALPHA), "--image-size", str(IMAGE), "--dtype", "float32", "--out", str(out)])
+    code = main(
+        [
+            "convert",
+            "omg-xtuner",
+            "--pth",
+            str(released["pth_path"]),
+            "--segmenter",
+            str(released["seg_path"]),
+            "--llm",
+            str(released["llm"]),
+            "--class-embeddings",
+            str(released["ov_path"]),
+            "--lora-alpha",
+            str(ALPHA),
+            "--image-size",
+            str(IMAGE),
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and f"wrote {out}" in printed and "IoU head" in printed
     assert (out / "unillava_config.json").is_file() and (out / REPORT_NAME).is_file()
-    assert main(["convert", "omg-xtuner", "--pth", str(released["pth_path"]), "--segmenter", str(released["seg_path"]),
-                 "--llm", str(released["llm"]), "--out", str(out)]) == 2  # OUT is not empty
+    assert (
+        main(
+            [
+                "convert",
+                "omg-xtuner",
+                "--pth",
+                str(released["pth_path"]),
+                "--segmenter",
+                str(released["seg_path"]),
+                "--llm",
+                str(released["llm"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # OUT is not empty

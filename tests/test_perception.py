@@ -30,8 +30,18 @@ def shapes_root(tmp_path_factory):
     from unillava.data.shapes import generate_dataset
 
     out = tmp_path_factory.mktemp("shapes") / "data"
-    generate_dataset(out, 4, 3, n_val=1, n_test=2, min_size=96, max_size=128, difficulty="easy", workers=1,
-                     tasks=["refseg"])
+    generate_dataset(
+        out,
+        4,
+        3,
+        n_val=1,
+        n_test=2,
+        min_size=96,
+        max_size=128,
+        difficulty="easy",
+        workers=1,
+        tasks=["refseg"],
+    )
     return out
 
 
@@ -153,14 +163,41 @@ def test_train_and_eval_segmenter_cli(shapes_root, tmp_path, capsys):
     from unillava.cli import main
 
     out = tmp_path / "seg"
-    code = main(["train-segmenter", "--data", str(shapes_root), "--out", str(out), "--steps", "2",
-                 "--image-size", str(IMAGE_SIZE), "--log-every", "1"])
+    code = main(
+        [
+            "train-segmenter",
+            "--data",
+            str(shapes_root),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--image-size",
+            str(IMAGE_SIZE),
+            "--log-every",
+            "1",
+        ]
+    )
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["step"] for line in lines[:2]] == [1, 2]
-    assert PerceptionModel.from_pretrained(out).config.num_labels == len(load_instances(shapes_root, "train")[1])
-    assert main(["eval-segmenter", "--model", str(out), "--data", str(shapes_root), "--image-size",
-                 str(IMAGE_SIZE)]) == 0
+    assert PerceptionModel.from_pretrained(out).config.num_labels == len(
+        load_instances(shapes_root, "train")[1]
+    )
+    assert (
+        main(
+            [
+                "eval-segmenter",
+                "--model",
+                str(out),
+                "--data",
+                str(shapes_root),
+                "--image-size",
+                str(IMAGE_SIZE),
+            ]
+        )
+        == 0
+    )
     assert set(json.loads(capsys.readouterr().out)) == {"AP", "AP50", "AP75", "best_query_iou"}
 
 

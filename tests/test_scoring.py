@@ -16,7 +16,9 @@ from unillava.evaluation.scoring import results_table, score_files, score_task
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -34,7 +36,14 @@ def box(top: int, left: int, bottom: int, right: int, h: int = 8, w: int = 8) ->
 VQA_ANNS = [
     {"id": "q1", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["red"], "qtype": "color"},
     {"id": "q2", "image": "b.png", "task": "vqa", "conversations": [], "answers": ["2"], "qtype": "count"},
-    {"id": "q3", "image": "c.png", "task": "vqa", "conversations": [], "answers": ["circle"], "qtype": "shape"},
+    {
+        "id": "q3",
+        "image": "c.png",
+        "task": "vqa",
+        "conversations": [],
+        "answers": ["circle"],
+        "qtype": "shape",
+    },
     {"id": "q4", "image": "d.png", "task": "vqa", "conversations": [], "answers": ["blue"], "qtype": "color"},
 ]
 VQA_PREDS = [
@@ -62,10 +71,38 @@ def test_vqa_scores_counts_and_breakdown() -> None:
 
 def test_long_style_vqa_counts_the_short_answer_inside_the_sentence() -> None:
     anns = [
-        {"id": "l1", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["2", "two"], "style": "long"},
-        {"id": "l2", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["left"], "style": "long"},
-        {"id": "l3", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["red"], "style": "long"},
-        {"id": "s1", "image": "a.png", "task": "vqa", "conversations": [], "answers": ["red"], "style": "short"},
+        {
+            "id": "l1",
+            "image": "a.png",
+            "task": "vqa",
+            "conversations": [],
+            "answers": ["2", "two"],
+            "style": "long",
+        },
+        {
+            "id": "l2",
+            "image": "a.png",
+            "task": "vqa",
+            "conversations": [],
+            "answers": ["left"],
+            "style": "long",
+        },
+        {
+            "id": "l3",
+            "image": "a.png",
+            "task": "vqa",
+            "conversations": [],
+            "answers": ["red"],
+            "style": "long",
+        },
+        {
+            "id": "s1",
+            "image": "a.png",
+            "task": "vqa",
+            "conversations": [],
+            "answers": ["red"],
+            "style": "short",
+        },
     ]
     preds = [
         {"id": "l1", "text": "There are two blue stars."},
@@ -80,11 +117,16 @@ def test_long_style_vqa_counts_the_short_answer_inside_the_sentence() -> None:
 
 def test_score_files_reads_directory_and_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     ann_dir = tmp_path / "tasks" / "val"
-    write_jsonl(ann_dir / "fine_count.jsonl", [
-        {"id": "c1", "task": "fine_count", "answers": ["3"]},
-        {"id": "c2", "task": "fine_count", "answers": ["10"]},
-    ])
-    pred = write_jsonl(tmp_path / "run" / "preds.jsonl", [{"id": "c1", "text": "three"}, "", {"id": "c2", "text": "1 0"}])
+    write_jsonl(
+        ann_dir / "fine_count.jsonl",
+        [
+            {"id": "c1", "task": "fine_count", "answers": ["3"]},
+            {"id": "c2", "task": "fine_count", "answers": ["10"]},
+        ],
+    )
+    pred = write_jsonl(
+        tmp_path / "run" / "preds.jsonl", [{"id": "c1", "text": "three"}, "", {"id": "c2", "text": "1 0"}]
+    )
     out = score_files("fine_count", pred, ann_dir)
     assert out["metrics"]["accuracy"] == 0.5
     assert out["ann_file"].endswith("fine_count.jsonl")
@@ -96,7 +138,12 @@ def test_score_files_reads_directory_and_cli(tmp_path: Path, monkeypatch: pytest
     assert "accuracy" in capsys.readouterr().out
 
     other = tmp_path / "elsewhere"
-    assert cli.main(["score", "--task", "fine_count", "--pred", str(pred), "--ann", str(ann_dir), "--out", str(other)]) == 0
+    assert (
+        cli.main(
+            ["score", "--task", "fine_count", "--pred", str(pred), "--ann", str(ann_dir), "--out", str(other)]
+        )
+        == 0
+    )
     assert (other / "results_fine_count.json").is_file()
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "c1", "text": "3"}, {"id": "c2", "text": 3}])
@@ -111,7 +158,9 @@ def test_mc_and_pope() -> None:
         {"id": "m2", "options": ["red", "blue", "green"], "answer": "C", "qtype": "color"},
         {"id": "m3", "options": ["red", "blue", "green"], "answer": "A", "qtype": "shape"},
     ]
-    out = score_task("mc", [{"id": "m1", "text": "The answer is (B)."}, {"id": "m2", "text": "A and B"}], anns)
+    out = score_task(
+        "mc", [{"id": "m1", "text": "The answer is (B)."}, {"id": "m2", "text": "A and B"}], anns
+    )
     assert out["metrics"] == {"accuracy": pytest.approx(1 / 3), "no_answer": pytest.approx(2 / 3)}
     assert out["breakdown"]["qtype"]["color"] == {"accuracy": 0.5, "no_answer": 0.5, "n": 2}
 
@@ -121,7 +170,11 @@ def test_mc_and_pope() -> None:
         {"id": "p3", "answer": "no", "category": "adversarial"},
         {"id": "p4", "answer": "yes", "category": "adversarial"},
     ]
-    preds = [{"id": "p1", "text": "Yes, there is."}, {"id": "p2", "text": "There is no cat."}, {"id": "p3", "text": "yes"}]
+    preds = [
+        {"id": "p1", "text": "Yes, there is."},
+        {"id": "p2", "text": "There is no cat."},
+        {"id": "p3", "text": "yes"},
+    ]
     out = score_task("pope", preds, anns)
     assert out["metrics"]["accuracy"] == 0.5 and out["metrics"]["yes_ratio"] == 0.5
     cats = out["breakdown"]["category"]
@@ -132,7 +185,11 @@ def test_mc_and_pope() -> None:
 
 def test_refseg_missing_is_empty_mask() -> None:
     gt1, gt2, gt3 = box(0, 0, 2, 4), box(4, 4, 8, 8), box(0, 0, 1, 1)
-    anns = [{"id": "s1", "masks": [rle(gt1)]}, {"id": "s2", "masks": [rle(gt2)]}, {"id": "s3", "masks": [rle(gt3)]}]
+    anns = [
+        {"id": "s1", "masks": [rle(gt1)]},
+        {"id": "s2", "masks": [rle(gt2)]},
+        {"id": "s3", "masks": [rle(gt3)]},
+    ]
     preds = [
         {"id": "s1", "text": "[SEG]", "masks": [rle(box(0, 2, 2, 6)), rle(gt1)]},
         {"id": "s2", "masks": [rle(gt2)]},
@@ -148,13 +205,20 @@ def test_refseg_missing_is_empty_mask() -> None:
 def test_gcg_phrases_from_markup() -> None:
     a, b = box(0, 0, 3, 3), box(4, 4, 8, 8)
     anns = [
-        {"id": "g1", "phrases": ["a red circle", "a blue square"], "masks": [rle(a), rle(b)],
-         "answers": ["A red circle is left of a blue square."]},
+        {
+            "id": "g1",
+            "phrases": ["a red circle", "a blue square"],
+            "masks": [rle(a), rle(b)],
+            "answers": ["A red circle is left of a blue square."],
+        },
         {"id": "g2", "phrases": ["a green triangle"], "masks": [rle(b)], "answers": ["A green triangle."]},
     ]
     preds = [
-        {"id": "g1", "text": "<p>A red circle</p> [SEG] is left of <p>a blue square</p> [SEG].",
-         "masks": [rle(a), rle(b)]},
+        {
+            "id": "g1",
+            "text": "<p>A red circle</p> [SEG] is left of <p>a blue square</p> [SEG].",
+            "masks": [rle(a), rle(b)],
+        },
         {"id": "g2", "text": "A dog.", "masks": [], "phrases": []},
     ]
     out = score_task("gcg", preds, anns, meteor=False)
@@ -167,8 +231,16 @@ def test_gcg_phrases_from_markup() -> None:
 
 def test_region_caption_attributes() -> None:
     anns = [
-        {"id": "r1", "answers": ["a small red circle"], "attributes": {"color": "red", "shape": "circle", "size": "small"}},
-        {"id": "r2", "answers": ["a large blue square"], "attributes": {"color": "blue", "shape": "square", "size": "large"}},
+        {
+            "id": "r1",
+            "answers": ["a small red circle"],
+            "attributes": {"color": "red", "shape": "circle", "size": "small"},
+        },
+        {
+            "id": "r2",
+            "answers": ["a large blue square"],
+            "attributes": {"color": "blue", "shape": "square", "size": "large"},
+        },
     ]
     preds = [{"id": "r1", "text": "A small red circle."}, {"id": "r2", "text": "a large green square"}]
     out = score_task("region_caption", preds, anns, meteor=False)
@@ -180,7 +252,10 @@ def test_region_caption_attributes() -> None:
 def test_caption_with_meteor() -> None:
     if not metrics.java_available():
         pytest.skip("java is not installed")
-    anns = [{"id": "k1", "answers": ["a red circle", "one red circle"]}, {"id": "k2", "answers": ["two blue squares"]}]
+    anns = [
+        {"id": "k1", "answers": ["a red circle", "one red circle"]},
+        {"id": "k2", "answers": ["two blue squares"]},
+    ]
     out = score_task("caption", [{"id": "k1", "text": "A red circle."}], anns)
     assert 0.0 < out["metrics"]["meteor"] < 1.0
     assert out["counts"]["missing"] == 1
@@ -189,17 +264,51 @@ def test_caption_with_meteor() -> None:
 @pytest.mark.parametrize(
     ("task", "preds", "anns", "message"),
     [
-        ("vqa", [{"id": "q1"}], [{"id": "q1", "answers": ["a"]}], "predictions line 1: field 'text' must be a string"),
-        ("vqa", [{"text": "a"}], [{"id": "q1", "answers": ["a"]}], "predictions line 1: field 'id' must be a string"),
-        ("vqa", [], [{"id": "q1", "answers": "a"}], "annotations line 1: field 'answers' must be a list of strings"),
-        ("vqa", [], [{"id": "q1", "answers": []}], "annotations line 1: field 'answers' must have at least 1"),
-        ("vqa", [], [{"id": "q1", "answers": ["a"]}, {"id": "q1", "answers": ["b"]}], "line 2: field 'id' 'q1' repeats"),
+        (
+            "vqa",
+            [{"id": "q1"}],
+            [{"id": "q1", "answers": ["a"]}],
+            "predictions line 1: field 'text' must be a string",
+        ),
+        (
+            "vqa",
+            [{"text": "a"}],
+            [{"id": "q1", "answers": ["a"]}],
+            "predictions line 1: field 'id' must be a string",
+        ),
+        (
+            "vqa",
+            [],
+            [{"id": "q1", "answers": "a"}],
+            "annotations line 1: field 'answers' must be a list of strings",
+        ),
+        (
+            "vqa",
+            [],
+            [{"id": "q1", "answers": []}],
+            "annotations line 1: field 'answers' must have at least 1",
+        ),
+        (
+            "vqa",
+            [],
+            [{"id": "q1", "answers": ["a"]}, {"id": "q1", "answers": ["b"]}],
+            "line 2: field 'id' 'q1' repeats",
+        ),
         ("vqa", [], [{"id": "q1", "task": "mc", "answers": ["a"]}], "field 'task' is 'mc'"),
         ("mc", [], [{"id": "m", "options": ["x", "y"], "answer": "C"}], "field 'answer' must be one of A, B"),
         ("pope", [], [{"id": "p", "answer": "maybe"}], "field 'answer' must be 'yes' or 'no'"),
-        ("refseg", [], [{"id": "s", "masks": [{"size": [2, 2], "counts": "zz"}]}], "field 'masks'[0]: RLE counts"),
-        ("refseg", [{"id": "s", "masks": [{"size": [3, 3], "counts": [9]}]}],
-         [{"id": "s", "masks": [{"size": [2, 2], "counts": [4]}]}], "predictions line 1: field 'masks'[0] has size"),
+        (
+            "refseg",
+            [],
+            [{"id": "s", "masks": [{"size": [2, 2], "counts": "zz"}]}],
+            "field 'masks'[0]: RLE counts",
+        ),
+        (
+            "refseg",
+            [{"id": "s", "masks": [{"size": [3, 3], "counts": [9]}]}],
+            [{"id": "s", "masks": [{"size": [2, 2], "counts": [4]}]}],
+            "predictions line 1: field 'masks'[0] has size",
+        ),
         ("gcg", [], [{"id": "g", "phrases": ["x"], "masks": [], "answers": ["x"]}], "differ in length"),
         ("vqa", [], [], "annotations: no annotations"),
     ],

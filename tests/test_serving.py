@@ -56,8 +56,15 @@ def model(chatty_model_dir) -> InferenceModel:
 @pytest.fixture(scope="module")
 def server(model) -> Iterator[ServerThread]:
     config = ServerConfig(
-        model_name=MODEL, max_batch=8, batch_wait_ms=30, allow_remote_images=True, max_images=3,
-        max_image_pixels=500_000, max_body_bytes=2_000_000, threads=1, request_timeout=60,
+        model_name=MODEL,
+        max_batch=8,
+        batch_wait_ms=30,
+        allow_remote_images=True,
+        max_images=3,
+        max_image_pixels=500_000,
+        max_body_bytes=2_000_000,
+        threads=1,
+        request_timeout=60,
     )
     with ServerThread(create_app(model, config)) as running:
         yield running
@@ -79,7 +86,9 @@ def strict(chatty_model_dir) -> Iterator[ServerThread]:
         return forward(*args, **kwargs)
 
     language_model.forward = slowed
-    config = ServerConfig(model_name=MODEL, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3, threads=1)
+    config = ServerConfig(
+        model_name=MODEL, api_key=KEY, max_batch=1, max_queue=1, request_timeout=3, threads=1
+    )
     with ServerThread(create_app(slow, config)) as running:
         yield running
 
@@ -92,7 +101,10 @@ class FakeSegmenter(InferenceModel):
 
     def chat_pixels(self, conversation, images, visual_prompts, *, settings, return_masks):
         width, height = images[-1].size
-        box = next((p["box"] for p in visual_prompts if p["type"] == "box"), [width / 4, height / 4, width * 3 / 4, height * 3 / 4])
+        box = next(
+            (p["box"] for p in visual_prompts if p["type"] == "box"),
+            [width / 4, height / 4, width * 3 / 4, height * 3 / 4],
+        )
         x0, y0, x1, y1 = (int(v) for v in box)
         mask = np.zeros((height, width), dtype=bool)
         mask[y0:y1, x0:x1] = True
@@ -155,18 +167,31 @@ def test_streaming_gives_the_same_text_in_pieces(client):
 
 def test_image_request_and_stop_strings(client, model):
     url = data_url(png_bytes())
-    reply = client.chat.completions.create(model=MODEL, messages=image_message("What is this?", url), max_tokens=6)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=image_message("What is this?", url), max_tokens=6
+    )
     expected = model.chat(
-        [{"role": "user", "content": [{"type": "image", "image": Image.open(io.BytesIO(png_bytes()))},
-                                      {"type": "text", "text": "What is this?"}]}],
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": Image.open(io.BytesIO(png_bytes()))},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            }
+        ],
         max_new_tokens=6,
     )
     assert reply.choices[0].message.content == expected
-    text_only = client.chat.completions.create(model=MODEL, messages=image_message("What is this?"), max_tokens=1)
+    text_only = client.chat.completions.create(
+        model=MODEL, messages=image_message("What is this?"), max_tokens=1
+    )
     tower = model.model.vision_tower
     assert reply.usage.prompt_tokens == text_only.usage.prompt_tokens + tower.num_tokens(32, 32)
     stop = expected.split()[2]
-    cut = client.chat.completions.create(model=MODEL, messages=image_message("What is this?", url), max_tokens=6, stop=[stop])
+    cut = client.chat.completions.create(
+        model=MODEL, messages=image_message("What is this?", url), max_tokens=6, stop=[stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content == expected[: expected.index(stop)].strip()
 
@@ -190,7 +215,11 @@ def test_concurrent_requests_are_batched(client, server, model):
             stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, stream=True)
             answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip()
         else:
-            answers[i] = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6).choices[0].message.content
+            answers[i] = (
+                client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6)
+                .choices[0]
+                .message.content
+            )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
     for t in threads:
@@ -218,36 +247,88 @@ BAD_REQUESTS = {
     "malformed json": (b'{"messages": [', 400, "invalid_json", None),
     "not an object": (b"[1, 2]", 400, "invalid_json", None),
     "wrong type": ({"temperature": "hot"}, 400, "invalid_value", "temperature"),
-    "wrong nested type": ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
-                          "invalid_value", "messages[0].content[0].text"),
+    "wrong nested type": (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        400,
+        "invalid_value",
+        "messages[0].content[0].text",
+    ),
     "unknown field": ({"frobnicate": 1}, 400, "unknown_parameter", "frobnicate"),
     "unsupported n": ({"n": 2}, 400, "unsupported_parameter", "n"),
-    "not an image": ({"messages": image_message("hi", data_url(b"hello, world"))}, 400, "invalid_image",
-                     "messages[0].content[0].image_url"),
-    "text data url": ({"messages": image_message("hi", data_url(b"hello", "text/plain"))}, 400, "invalid_image",
-                      "messages[0].content[0].image_url"),
-    "bad base64": ({"messages": image_message("hi", "data:image/png;base64,@@@")}, 400, "invalid_image_url",
-                   "messages[0].content[0].image_url"),
-    "truncated image": ({"messages": image_message("hi", data_url(_truncated_png()))}, 400, "invalid_image",
-                        "messages[0].content[0].image_url"),
-    "huge image": ({"messages": image_message("hi", data_url(png_bytes(1000, 1000)))}, 400, "image_too_large",
-                   "messages[0].content[0].image_url"),
-    "too many images": ({"messages": image_message("hi", *[data_url(png_bytes())] * 4)}, 400, "too_many_images",
-                        "messages"),
-    "prompt over context": ({"messages": [{"role": "user", "content": "word " * 600}]}, 400,
-                            "context_length_exceeded", "messages"),
+    "not an image": (
+        {"messages": image_message("hi", data_url(b"hello, world"))},
+        400,
+        "invalid_image",
+        "messages[0].content[0].image_url",
+    ),
+    "text data url": (
+        {"messages": image_message("hi", data_url(b"hello", "text/plain"))},
+        400,
+        "invalid_image",
+        "messages[0].content[0].image_url",
+    ),
+    "bad base64": (
+        {"messages": image_message("hi", "data:image/png;base64,@@@")},
+        400,
+        "invalid_image_url",
+        "messages[0].content[0].image_url",
+    ),
+    "truncated image": (
+        {"messages": image_message("hi", data_url(_truncated_png()))},
+        400,
+        "invalid_image",
+        "messages[0].content[0].image_url",
+    ),
+    "huge image": (
+        {"messages": image_message("hi", data_url(png_bytes(1000, 1000)))},
+        400,
+        "image_too_large",
+        "messages[0].content[0].image_url",
+    ),
+    "too many images": (
+        {"messages": image_message("hi", *[data_url(png_bytes())] * 4)},
+        400,
+        "too_many_images",
+        "messages",
+    ),
+    "prompt over context": (
+        {"messages": [{"role": "user", "content": "word " * 600}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
     "max_tokens over context": ({"max_tokens": 600}, 400, "context_length_exceeded", "max_tokens"),
-    "assistant last": ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400,
-                       "invalid_value", "messages"),
+    "assistant last": (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        400,
+        "invalid_value",
+        "messages",
+    ),
     "unknown model": ({"model": "gpt-17"}, 404, "model_not_found", "model"),
-    "visual prompt": ({"messages": image_message("hi", data_url(png_bytes())),
-                       "visual_prompts": [{"type": "box", "box": [1, 1, 20, 20]}]}, 400, "visual_prompts_unsupported",
-                      "visual_prompts"),
-    "masks": ({"messages": image_message("hi", data_url(png_bytes())), "return_masks": True}, 400,
-              "segmentation_unsupported", "return_masks"),
-    "box outside": ({"messages": image_message("hi", data_url(png_bytes())),
-                     "visual_prompts": [{"type": "box", "box": [1, 1, 50, 20]}]}, 400, "invalid_visual_prompt",
-                    "visual_prompts[0].box"),
+    "visual prompt": (
+        {
+            "messages": image_message("hi", data_url(png_bytes())),
+            "visual_prompts": [{"type": "box", "box": [1, 1, 20, 20]}],
+        },
+        400,
+        "visual_prompts_unsupported",
+        "visual_prompts",
+    ),
+    "masks": (
+        {"messages": image_message("hi", data_url(png_bytes())), "return_masks": True},
+        400,
+        "segmentation_unsupported",
+        "return_masks",
+    ),
+    "box outside": (
+        {
+            "messages": image_message("hi", data_url(png_bytes())),
+            "visual_prompts": [{"type": "box", "box": [1, 1, 50, 20]}],
+        },
+        400,
+        "invalid_visual_prompt",
+        "visual_prompts[0].box",
+    ),
     "body too large": ({"messages": image_message("x" * 2_100_000)}, 413, "request_too_large", None),
 }
 
@@ -256,11 +337,18 @@ BAD_REQUESTS = {
 def test_bad_requests_get_a_clear_openai_error(server, case):
     body, status, code, param = BAD_REQUESTS[case]
     if isinstance(body, dict):
-        response = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
-                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=30,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body},
+        )
     else:
-        response = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=30,
-                              headers={"content-type": "application/json"})
+        response = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            content=body,
+            timeout=30,
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -270,9 +358,15 @@ def test_bad_requests_get_a_clear_openai_error(server, case):
 
 def test_the_server_keeps_serving_after_bad_requests(client, server):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=image_message("hi", data_url(png_bytes(900, 900))))
+        client.chat.completions.create(
+            model=MODEL, messages=image_message("hi", data_url(png_bytes(900, 900)))
+        )
     assert caught.value.code == "image_too_large" and "500000" in caught.value.message
-    assert client.chat.completions.create(model=MODEL, messages=image_message("hi"), max_tokens=2).choices[0].message.content
+    assert (
+        client.chat.completions.create(model=MODEL, messages=image_message("hi"), max_tokens=2)
+        .choices[0]
+        .message.content
+    )
     assert health(server)["requests"]["failed"] == 0
 
 
@@ -294,8 +388,12 @@ def test_remote_images_are_fetched_only_when_allowed(client, strict):
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
     try:
-        reply = client.chat.completions.create(model=MODEL, messages=image_message("hi", f"{base}/cat.png"), max_tokens=3)
-        local = client.chat.completions.create(model=MODEL, messages=image_message("hi", data_url(image)), max_tokens=3)
+        reply = client.chat.completions.create(
+            model=MODEL, messages=image_message("hi", f"{base}/cat.png"), max_tokens=3
+        )
+        local = client.chat.completions.create(
+            model=MODEL, messages=image_message("hi", data_url(image)), max_tokens=3
+        )
         assert reply.choices[0].message.content == local.choices[0].message.content
         with pytest.raises(openai.BadRequestError) as missing:
             client.chat.completions.create(model=MODEL, messages=image_message("hi", f"{base}/nope.png"))
@@ -303,7 +401,10 @@ def test_remote_images_are_fetched_only_when_allowed(client, strict):
         guarded = openai.OpenAI(base_url=f"{strict.url}/v1", api_key=KEY, max_retries=0)
         with pytest.raises(openai.BadRequestError) as refused:
             guarded.chat.completions.create(model=MODEL, messages=image_message("hi", f"{base}/cat.png"))
-        assert refused.value.code == "remote_images_disabled" and "--allow-remote-images" in refused.value.message
+        assert (
+            refused.value.code == "remote_images_disabled"
+            and "--allow-remote-images" in refused.value.message
+        )
     finally:
         files.shutdown()
 
@@ -318,7 +419,9 @@ def test_api_key_is_enforced(strict):
     assert caught.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    missing = httpx.post(f"{strict.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    missing = httpx.post(
+        f"{strict.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}
+    )
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
     assert missing.headers["www-authenticate"] == "Bearer"
     right = openai.OpenAI(base_url=f"{strict.url}/v1", api_key=KEY, max_retries=0)
@@ -328,20 +431,30 @@ def test_api_key_is_enforced(strict):
 
 def test_full_queue_429_and_a_disconnect_frees_the_slot(strict):
     client = openai.OpenAI(base_url=f"{strict.url}/v1", api_key=KEY, max_retries=0, timeout=30)
-    long = {"model": MODEL, "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 400,
-            "extra_body": {"ignore_eos": True}}
+    long = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Talk."}],
+        "max_tokens": 400,
+        "extra_body": {"ignore_eos": True},
+    }
     before = health(strict)
     stream = client.chat.completions.create(stream=True, **long)
     assert next(iter(stream)).choices[0].delta.role == "assistant"
     wait_for(strict, lambda s: s["running"] == 1)
     queued: dict[str, Any] = {}
     waiting = threading.Thread(
-        target=lambda: queued.update(reply=client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Hi."}], max_tokens=2)))
+        target=lambda: queued.update(
+            reply=client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi."}], max_tokens=2
+            )
+        )
+    )
     waiting.start()
     wait_for(strict, lambda s: s["waiting"] == 1)
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Me too."}], max_tokens=2)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Me too."}], max_tokens=2
+        )
     assert caught.value.code == "queue_full"
     stream.close()  # the client goes away mid-stream: its row stops and the queued request runs
     waiting.join(20)
@@ -358,12 +471,18 @@ def test_a_request_over_the_timeout_gets_504_and_frees_its_slot(strict):
     before = health(strict)["requests"]["timed_out"]
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Talk."}], max_tokens=400,
-                                       extra_body={"ignore_eos": True})
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Talk."}],
+            max_tokens=400,
+            extra_body={"ignore_eos": True},
+        )
     assert caught.value.status_code == 504 and caught.value.code == "request_timeout"
     assert 2.5 < time.monotonic() - started < 15
     assert health(strict)["requests"]["timed_out"] == before + 1
-    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi."}], max_tokens=2
+    )
     assert reply.choices[0].message.content
 
 
@@ -372,8 +491,13 @@ def test_a_request_over_the_timeout_gets_504_and_frees_its_slot(strict):
 
 def test_pixel_model_returns_masks_for_a_box_prompt(pixel):
     url = data_url(png_bytes(40, 30))
-    body = {"model": MODEL, "messages": image_message("Segment it.", url), "return_masks": True, "mask_png": True,
-            "visual_prompts": [{"type": "box", "box": [4, 6, 20, 16]}, {"type": "point", "point": [10, 10]}]}
+    body = {
+        "model": MODEL,
+        "messages": image_message("Segment it.", url),
+        "return_masks": True,
+        "mask_png": True,
+        "visual_prompts": [{"type": "box", "box": [4, 6, 20, 16]}, {"type": "point", "point": [10, 10]}],
+    }
     reply = httpx.post(f"{pixel.url}/v1/chat/completions", json=body, timeout=30).json()
     message = reply["choices"][0]["message"]
     assert message["content"] == "It is [SEG] the red square."
@@ -386,8 +510,12 @@ def test_pixel_model_returns_masks_for_a_box_prompt(pixel):
     png = base64.b64decode(mask["png"].split(",", 1)[1])
     assert (np.asarray(Image.open(io.BytesIO(png))) > 0).tolist() == expected.tolist()
 
-    with httpx.stream("POST", f"{pixel.url}/v1/chat/completions", json={**body, "stream": True}, timeout=30) as response:
-        lines = [line for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    with httpx.stream(
+        "POST", f"{pixel.url}/v1/chat/completions", json={**body, "stream": True}, timeout=30
+    ) as response:
+        lines = [
+            line for line in response.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"
+        ]
     import json
 
     final = json.loads(lines[-1][6:])
@@ -403,8 +531,16 @@ def test_pixel_prompts_are_validated(pixel):
     rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
     cases = [
         ({"type": "mask", "mask": rle}, 200, None),
-        ({"type": "mask", "mask": {"size": [30, 40], "counts": [5, 5]}}, 400, "visual_prompts[0].mask.counts"),
-        ({"type": "mask", "mask": {"size": [40, 30], "counts": rle["counts"]}}, 400, "visual_prompts[0].mask.size"),
+        (
+            {"type": "mask", "mask": {"size": [30, 40], "counts": [5, 5]}},
+            400,
+            "visual_prompts[0].mask.counts",
+        ),
+        (
+            {"type": "mask", "mask": {"size": [40, 30], "counts": rle["counts"]}},
+            400,
+            "visual_prompts[0].mask.size",
+        ),
         ({"type": "point", "point": [41, 3]}, 400, "visual_prompts[0].point"),
         ({"type": "box", "box": [5, 5, 2, 9]}, 400, "visual_prompts[0].box"),
         ({"type": "box", "point": [1, 1]}, 400, "visual_prompts[0]"),

@@ -24,13 +24,21 @@ from unillava.serving import ServerConfig, ServerThread, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
 
 
 class FakeSegmenter(InferenceModel):
@@ -128,11 +136,22 @@ def test_upload_ask_and_see_the_streamed_answer(page, server, picture, tmp_path)
     assert response.headers["content-type"].startswith("text/event-stream")
     answer = page.inner_text("#log .msg.assistant:last-child .text")
     data = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
-    expected = httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}},
-                                                  {"type": "text", "text": "What is in the picture?"}]}],
-        "max_tokens": 8,
-    }).json()["choices"][0]["message"]["content"]
+    expected = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=30,
+        json={
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data}},
+                        {"type": "text", "text": "What is in the picture?"},
+                    ],
+                }
+            ],
+            "max_tokens": 8,
+        },
+    ).json()["choices"][0]["message"]["content"]
     assert answer == expected and answer
     assert "8 tokens" in page.inner_text("#log .msg.assistant:last-child .meta")
 
@@ -170,12 +189,16 @@ def test_render_function_draws_a_synthetic_rle(page, server, picture):
     mask = np.zeros((120, 160), dtype=bool)
     mask[10:50, 20:60] = True
     rle = to_rle(mask)
-    fake = [{"phrase": "a block", "image_index": 0, "bbox": [20, 10, 40, 40],
-             "segmentation": {"size": [120, 160], "counts": rle["counts"].decode("ascii")}}]
+    fake = [
+        {
+            "phrase": "a block",
+            "image_index": 0,
+            "bbox": [20, 10, 40, 40],
+            "segmentation": {"size": [120, 160], "counts": rle["counts"].decode("ascii")},
+        }
+    ]
     assert page.evaluate("masks => unillava.renderMasks(masks, 0)", fake) == 1
-    decoded = page.evaluate(
-        "rle => Array.from(unillava.decodeRle(rle).data)", fake[0]["segmentation"]
-    )
+    decoded = page.evaluate("rle => Array.from(unillava.decodeRle(rle).data)", fake[0]["segmentation"])
     assert np.array_equal(np.array(decoded, dtype=bool).reshape(120, 160), mask)
     png = page.locator("#mask-layer").screenshot()
     assert Image.open(io.BytesIO(png)).size[0] > 0

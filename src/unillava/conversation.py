@@ -16,7 +16,13 @@ from unillava.errors import ConfigError
 IMAGE_MARKER = "<image>"
 
 Role = Literal["system", "user", "assistant"]
-ROLE_FROM_LLAVA = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLE_FROM_LLAVA = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,9 @@ class ProcessorChatTemplate(TokenizerChatTemplate):
             rendered_messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         prefix = "".join(_SENTINEL.format(len(pieces) + i) for i in range(len(self.prefix_ids)))
-        pieces += [("", [Segment("special", self.tokenizer.convert_ids_to_tokens(i))]) for i in self.prefix_ids]
+        pieces += [
+            ("", [Segment("special", self.tokenizer.convert_ids_to_tokens(i))]) for i in self.prefix_ids
+        ]
         return prefix + rendered, pieces
 
     def _template_text(self, text: str) -> list[Segment]:
@@ -311,9 +319,9 @@ def _encode_joint(
     segments: list[Segment], tokenizer, image_token_id: int, image_token_counts: list[int]
 ) -> Encoded | None:
     """`encode_segments(joint=True)`; None where piecewise tokenization must be used instead."""
-    if not getattr(tokenizer, "is_fast", False) or len(
-        [s for s in segments if s.kind == "image"]
-    ) != len(image_token_counts):
+    if not getattr(tokenizer, "is_fast", False) or len([s for s in segments if s.kind == "image"]) != len(
+        image_token_counts
+    ):
         return None
     image_text = tokenizer.convert_ids_to_tokens(image_token_id)
     text, owners = "", []  # owners[i]: the segment that wrote character i
@@ -359,7 +367,11 @@ class Encoded:
 
 
 def encode_segments(
-    segments: list[Segment], tokenizer, image_token_id: int, image_token_counts: list[int], joint: bool = False
+    segments: list[Segment],
+    tokenizer,
+    image_token_id: int,
+    image_token_counts: list[int],
+    joint: bool = False,
 ) -> Encoded:
     """Token ids and labels for rendered segments.
 

@@ -75,8 +75,14 @@ class DemoPreset:
 
 
 TINY_LLM = {
-    "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 512,
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 512,
     "tie_word_embeddings": True,
 }
 
@@ -118,8 +124,13 @@ PRESETS = {
         test_scenes=200,
         tower="clip",
         image_size=96,
-        tower_config={"hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
-                      "num_attention_heads": 3, "patch_size": 16},
+        tower_config={
+            "hidden_size": 192,
+            "intermediate_size": 768,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 3,
+            "patch_size": 16,
+        },
         stage1_steps=94,
         stage1_lr=2e-4,
         stage2_tasks=["vqa", "mc", "pope"],
@@ -166,7 +177,10 @@ def model_config(preset: DemoPreset, parts: dict[str, str] | None = None) -> Mod
     )
     llm = LLMConfig(pretrained=parts.get("llm", EMBEDDED_DEFAULT))
     return ModelConfig(
-        vision=vision, projector=ProjectorConfig("mlp2x_gelu"), llm=llm, system_prompt=SYSTEM_PROMPT,
+        vision=vision,
+        projector=ProjectorConfig("mlp2x_gelu"),
+        llm=llm,
+        system_prompt=SYSTEM_PROMPT,
         max_length=1024,
     )
 
@@ -181,7 +195,10 @@ def write_training_files(data: Path, out: Path, preset: DemoPreset, seed: int) -
 
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for name, names, turns in (("stage1", preset.stage1_tasks, 1), ("stage2", preset.stage2_tasks, preset.turns)):
+    for name, names, turns in (
+        ("stage1", preset.stage1_tasks, 1),
+        ("stage2", preset.stage2_tasks, preset.turns),
+    ):
         merged = merge_turns(records(names), turns, seed=seed) if turns > 1 else records(names)
         random.Random(seed).shuffle(merged)
         path = out / f"{name}.jsonl"
@@ -199,7 +216,9 @@ def _save_tiny_parts(preset: DemoPreset, out: Path) -> dict[str, str]:
         torch.save(MobileNetV2(**preset.tower_config).state_dict(), tower)
     if not (llm_dir / "config.json").is_file():
         hf = dict(preset.llm)
-        AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf)).save_pretrained(llm_dir)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf)).save_pretrained(
+            llm_dir
+        )
         AutoTokenizer.from_pretrained(resolve_pretrained(EMBEDDED_DEFAULT)).save_pretrained(llm_dir)
     return {"vision": str(tower), "llm": str(llm_dir)}
 
@@ -210,11 +229,20 @@ def _stage_configs(
     """Stage 1 aligns the projector (and a from-scratch tower) on captions with LLaVA's `plain` template
     (image tokens, caption, EOS: no prompt to pay for); stage 2 adds LoRA on the chat-formatted mix."""
     stage1_file, stage2_file = write_training_files(data, out / "train_data", preset, seed)
-    common = dict(per_device_batch_size=preset.batch_size, global_batch_size=preset.batch_size, bf16=True,
-                  seed=seed, log_every=5, warmup_ratio=0.03, train_vision=preset.trains_tower)
+    common = dict(
+        per_device_batch_size=preset.batch_size,
+        global_batch_size=preset.batch_size,
+        bf16=True,
+        seed=seed,
+        log_every=5,
+        warmup_ratio=0.03,
+        train_vision=preset.trains_tower,
+    )
     stage1 = TrainConfig(
         model=model_config(preset, parts),
-        data=DataConfig(train_files=[str(stage1_file)], image_root=str(data), template="plain", num_workers=0),
+        data=DataConfig(
+            train_files=[str(stage1_file)], image_root=str(data), template="plain", num_workers=0
+        ),
         train_projector=True,
         train_llm="none",
         lr=preset.stage1_lr,
@@ -239,7 +267,9 @@ def _stage_configs(
     return stage1, stage2
 
 
-def run_demo(out_dir: str | Path = "runs/demo", preset_name: str = "default", seed: int = 0) -> dict[str, Any]:
+def run_demo(
+    out_dir: str | Path = "runs/demo", preset_name: str = "default", seed: int = 0
+) -> dict[str, Any]:
     """Generate data, train both stages, export, evaluate with the image ablation, write `out_dir/REPORT.md`."""
     if preset_name not in PRESETS:
         raise UnillavaError(f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
@@ -251,8 +281,15 @@ def run_demo(out_dir: str | Path = "runs/demo", preset_name: str = "default", se
     start = time.perf_counter()
     data = out / "data"
     manifest = generate_dataset(
-        data, preset.train_scenes, seed, n_val=1, n_test=preset.test_scenes, min_size=128, max_size=128,
-        aspect_range=(1.0, 1.0), difficulty="easy",
+        data,
+        preset.train_scenes,
+        seed,
+        n_val=1,
+        n_test=preset.test_scenes,
+        min_size=128,
+        max_size=128,
+        aspect_range=(1.0, 1.0),
+        difficulty="easy",
         tasks=sorted({*preset.stage1_tasks, *preset.stage2_tasks, *preset.eval_tasks}),
     )
     parts = _save_tiny_parts(preset, out / "random_parts") if preset.random_parts else {}
@@ -279,8 +316,15 @@ def run_demo(out_dir: str | Path = "runs/demo", preset_name: str = "default", se
         limit = preset.eval_limit if images == "own" else preset.ablation_limit
         eval_dir = out / ("eval" if images == "own" else f"eval-{images}-image")
         evaluations[images] = evaluate(
-            model, data, preset.eval_tasks, eval_dir, split="test", limit=limit,
-            batch_size=preset.batch_size, max_new_tokens=48, images_from=images,
+            model,
+            data,
+            preset.eval_tasks,
+            eval_dir,
+            split="test",
+            limit=limit,
+            batch_size=preset.batch_size,
+            max_new_tokens=48,
+            images_from=images,
         )
     timings["eval"] = time.perf_counter() - start
     print_summary(evaluations["own"]["tasks"])
@@ -308,8 +352,10 @@ def run_demo(out_dir: str | Path = "runs/demo", preset_name: str = "default", se
     table = _write_report(out, report)
     if not preset.trains_tower:
         _write_model_card(Path(model_dir), report, preset, table)
-    print(f"report: {out / 'REPORT.md'}\ntry it:  unillava chat --model {model_dir} --image "
-          f"{next((data / 'images' / 'test').glob('*.png'))}")
+    print(
+        f"report: {out / 'REPORT.md'}\ntry it:  unillava chat --model {model_dir} --image "
+        f"{next((data / 'images' / 'test').glob('*.png'))}"
+    )
     return report
 
 
@@ -341,12 +387,22 @@ def _write_report(out: Path, report: dict[str, Any]) -> str:
         for name, value in metrics.items():
             if isinstance(value, float):
                 cells = [ablation[images].get(task, {}).get(name) for images in ABLATIONS]
-                lines.append(f"| {task} | {name} | " + " | ".join(
-                    f"{v:.4f}" if isinstance(v, float) else "" for v in cells) + " |")
-    lines += ["", "Samples with images, questions, answers and ground truth: [eval/report.md](eval/report.md)", ""]
+                lines.append(
+                    f"| {task} | {name} | "
+                    + " | ".join(f"{v:.4f}" if isinstance(v, float) else "" for v in cells)
+                    + " |"
+                )
+    lines += [
+        "",
+        "Samples with images, questions, answers and ground truth: [eval/report.md](eval/report.md)",
+        "",
+    ]
     (out / "REPORT.md").write_text("\n".join(lines))
-    return "\n".join(line for line in lines[lines.index("| task | metric | own image | blank image | other image |"):]
-                     if line.startswith("|"))
+    return "\n".join(
+        line
+        for line in lines[lines.index("| task | metric | own image | blank image | other image |") :]
+        if line.startswith("|")
+    )
 
 
 LICENCES = {
@@ -372,8 +428,11 @@ def _write_model_card(model_dir: Path, report: dict[str, Any], preset: DemoPrese
         "",
         "## Parts and licences",
         "",
-        *([f"- {LICENCES[k]}" for k in ("mobilenet_v2", "llm", "ours")] if not preset.random_parts
-          else ["- random tiny tower and LLM saved by the `tiny` preset (tests), no licence of their own"]),
+        *(
+            [f"- {LICENCES[k]}" for k in ("mobilenet_v2", "llm", "ours")]
+            if not preset.random_parts
+            else ["- random tiny tower and LLM saved by the `tiny` preset (tests), no licence of their own"]
+        ),
         "",
         "## Recipe",
         "",

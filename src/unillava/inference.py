@@ -88,7 +88,9 @@ def messages_from_openai(messages: Sequence[dict[str, Any]]) -> tuple[list[Messa
                     parts.append(ImageSlot())
                     images.append(part["image"])
                 else:
-                    raise UnillavaError(f"messages[{i}].content[{j}].type must be text or image, got {kind!r}")
+                    raise UnillavaError(
+                        f"messages[{i}].content[{j}].type must be text or image, got {kind!r}"
+                    )
         else:
             raise UnillavaError(f"messages[{i}].content must be a string or a list of parts")
         out.append(Message(role, parts))
@@ -132,7 +134,9 @@ class InferenceModel:
         """Generated ids -> the answer: special tokens dropped, cut at the first stop string."""
         return _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), gen.stop).strip()
 
-    def _run(self, conversations: list[list[Message]], images: list[list[Image.Image]], settings, streamer=None):
+    def _run(
+        self, conversations: list[list[Message]], images: list[list[Image.Image]], settings, streamer=None
+    ):
         batch, _ = self.processor.prompt_batch(conversations, images)
         batch = batch.to(self.model.device)
         if settings.seed is not None:
@@ -217,14 +221,18 @@ class InferenceModel:
             raise UnillavaError("the last message must be from the user")
         slots = sum(m.num_images for m in conversation)
         if slots != len(image_list):
-            raise UnillavaError(f"the messages have {slots} image slot(s) but {len(image_list)} image(s) were given")
+            raise UnillavaError(
+                f"the messages have {slots} image slot(s) but {len(image_list)} image(s) were given"
+            )
         gen = GenerationSettings(**settings)
         if not stream:
             row = self._run([conversation], [image_list], gen)[0]
             return self._answer_text(row, gen)
         return self._stream(conversation, image_list, gen)
 
-    def _stream(self, conversation: list[Message], images: list[Image.Image], gen: GenerationSettings) -> Iterator[str]:
+    def _stream(
+        self, conversation: list[Message], images: list[Image.Image], gen: GenerationSettings
+    ) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
@@ -260,7 +268,11 @@ def _image_list(entry: Any) -> list[ImageInput]:
 
 
 def load(
-    path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu", template: str | None = None
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    template: str | None = None,
 ) -> InferenceModel:
     """Load any supported layout (ours, llava-hf, original LLaVA) for inference.
 

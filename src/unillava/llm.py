@@ -61,8 +61,11 @@ def embedded_default_path() -> Path:
         state = model.state_dict()
         if config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(staging / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
@@ -102,7 +105,9 @@ def load_language_model(config: LLMConfig, dtype: torch.dtype = torch.float32):
         raise ConfigError("llm: set `pretrained` (a directory or the embedded default) or `hf_config`")
     path = resolve_pretrained(config.pretrained)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(config.tokenizer) if config.tokenizer else path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_pretrained(config.tokenizer) if config.tokenizer else path
+    )
     return model, tokenizer
 
 

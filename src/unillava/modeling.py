@@ -143,7 +143,11 @@ class LlavaModel(nn.Module):
 
     @classmethod
     def build_base(
-        cls, config: ModelConfig, sources: Mapping[str, str], tokenizer, base_dtype: torch.dtype,
+        cls,
+        config: ModelConfig,
+        sources: Mapping[str, str],
+        tokenizer,
+        base_dtype: torch.dtype,
         adapter: Path | None = None,
     ) -> tuple[LlavaModel, int]:
         """The pretrained tower and LLM as a run held them: parameters in `base_dtype` (buffers, such as
@@ -183,7 +187,9 @@ class LlavaModel(nn.Module):
         own = model.state_dict()
         unknown = sorted(k for k in stored if k not in own)
         if unknown:
-            raise CheckpointError(f"{weights}: {len(unknown)} key(s) the model does not have: {key_list(unknown)}")
+            raise CheckpointError(
+                f"{weights}: {len(unknown)} key(s) the model does not have: {key_list(unknown)}"
+            )
         for key, start in base.get("rows", {}).items():
             full = own[key].clone()
             if key not in stored or full.shape[0] - start != stored[key].shape[0]:
@@ -207,7 +213,9 @@ class LlavaModel(nn.Module):
         if out is None or out.weight.data_ptr() != inp.weight.data_ptr():
             return []
         return [
-            f"language_model.{name}.weight" for name, module in self.language_model.named_modules() if module is out
+            f"language_model.{name}.weight"
+            for name, module in self.language_model.named_modules()
+            if module is out
         ]
 
     def save_pretrained(self, path: str | Path) -> None:

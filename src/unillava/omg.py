@@ -138,7 +138,9 @@ class OMGLlavaModel(LlavaModel):
     supports_visual_prompts = True
     supports_feature_cache = False
 
-    def __init__(self, config: ModelConfig, vision_tower: VisionTower, language_model: nn.Module, tokenizer: Any):
+    def __init__(
+        self, config: ModelConfig, vision_tower: VisionTower, language_model: nn.Module, tokenizer: Any
+    ):
         super().__init__(config, vision_tower, language_model, tokenizer)
         if not hasattr(vision_tower, "memory_for"):
             raise ConfigError(f"vision.type: an OMG model needs the 'omg' tower, got {config.vision.type!r}")
@@ -194,20 +196,28 @@ class OMGLlavaModel(LlavaModel):
         counts: list[int],
         visual_prompts: Sequence[Sequence[PromptRegion] | None],
     ) -> torch.Tensor:
-        marker_ids = torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]], device=input_ids.device)
+        marker_ids = torch.tensor(
+            [self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]], device=input_ids.device
+        )
         rows = self._images_per_row(input_ids, counts)
         if len(visual_prompts) != input_ids.shape[0]:
-            raise ValueError(f"visual_prompts: {len(visual_prompts)} rows for a batch of {input_ids.shape[0]}")
+            raise ValueError(
+                f"visual_prompts: {len(visual_prompts)} rows for a batch of {input_ids.shape[0]}"
+            )
         embeds = embeds.clone()
         for row, prompts in enumerate(visual_prompts):
             if prompts is None:  # a row without prompt data: its markers stay plain tokens
                 continue
             positions = torch.isin(input_ids[row], marker_ids).nonzero().flatten()
             if len(positions) != len(prompts):
-                raise ValueError(f"row {row}: {len(positions)} <region>/<mark> token(s) but {len(prompts)} prompt(s)")
+                raise ValueError(
+                    f"row {row}: {len(positions)} <region>/<mark> token(s) but {len(prompts)} prompt(s)"
+                )
             for image in sorted({p.image_index for p in prompts}):
                 if image >= len(rows[row]):
-                    raise ValueError(f"row {row}: a prompt marks image {image} but the row has {len(rows[row])}")
+                    raise ValueError(
+                        f"row {row}: a prompt marks image {image} but the row has {len(rows[row])}"
+                    )
                 chosen = [i for i, p in enumerate(prompts) if p.image_index == image]
                 tokens = self.prompt_tokens(images[rows[row][image]], [prompts[i] for i in chosen])
                 embeds[row, positions[chosen]] = tokens.to(embeds.dtype)
@@ -225,11 +235,13 @@ class OMGLlavaModel(LlavaModel):
         generation counts them), and each image's token count. Empty slots change nothing the LLM computes."""
         images = list(images) if images is not None else []
         features, valid = self.vision_tower.embed(images, self.projector) if images else ([], [])
-        embeds = splice_image_features(self.language_model.get_input_embeddings()(input_ids), input_ids,
-                                       self.image_token_id, features)
+        embeds = splice_image_features(
+            self.language_model.get_input_embeddings()(input_ids), input_ids, self.image_token_id, features
+        )
         if visual_prompts is not None:
-            embeds = self._splice_prompts(embeds, input_ids, images, [int(f.shape[0]) for f in features],
-                                          visual_prompts)
+            embeds = self._splice_prompts(
+                embeds, input_ids, images, [int(f.shape[0]) for f in features], visual_prompts
+            )
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
         if valid:
             slots = input_ids == self.image_token_id
@@ -282,13 +294,16 @@ class OMGLlavaModel(LlavaModel):
         `mask_bce` / `mask_dice` / `object_regularizer` in the output stay unscaled."""
         if loss_reduction not in (None, "sum"):
             raise ValueError('loss_reduction="sum" is the only reduction')
-        embeds, mask, positions, counts = self.prepare_inputs(input_ids, attention_mask, images, visual_prompts)
+        embeds, mask, positions, counts = self.prepare_inputs(
+            input_ids, attention_mask, images, visual_prompts
+        )
         has_images = images is not None and len(images) > 0
         weight = self.vision_tower.object_regularizer if labels is not None and has_images else 0.0
         regularizer = self.object_regularizer_loss(images) if weight else None  # type: ignore[arg-type]
         if loss_reduction is None and seg_masks is None:
-            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                      labels=labels, **kwargs)
+            out = self.language_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels, **kwargs
+            )
             if regularizer is not None:
                 out.loss = out.loss + weight * regularizer
             return out
@@ -299,8 +314,9 @@ class OMGLlavaModel(LlavaModel):
         ).last_hidden_state
         loss = text_loss = None
         if labels is not None:
-            loss, supervised = supervised_token_loss(self.language_model, hidden, labels,
-                                                     "sum" if loss_reduction == "sum" else "mean")
+            loss, supervised = supervised_token_loss(
+                self.language_model, hidden, labels, "sum" if loss_reduction == "sum" else "mean"
+            )
             text_loss = loss
             if regularizer is not None:
                 scale = 1.0
@@ -339,8 +355,14 @@ class OMGLlavaModel(LlavaModel):
             if loss_reduction == "sum" and global_counts is not None and global_counts.get("masks"):
                 masks_loss = masks_loss * (global_counts["tokens"] / global_counts["masks"])
             loss = masks_loss if loss is None else loss + masks_loss
-        return OMGOutput(loss=loss, text_loss=text_loss, mask_bce=bce, mask_dice=dice, seg_mask_logits=mask_logits,
-                         object_regularizer=regularizer)
+        return OMGOutput(
+            loss=loss,
+            text_loss=text_loss,
+            mask_bce=bce,
+            mask_dice=dice,
+            seg_mask_logits=mask_logits,
+            object_regularizer=regularizer,
+        )
 
     @torch.no_grad()
     def generate(
@@ -356,11 +378,15 @@ class OMGLlavaModel(LlavaModel):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     def last_hidden_states(
-        self, input_ids: torch.Tensor, images: list[torch.Tensor], prompts: Sequence[PromptRegion] | None = None
+        self,
+        input_ids: torch.Tensor,
+        images: list[torch.Tensor],
+        prompts: Sequence[PromptRegion] | None = None,
     ) -> torch.Tensor:
         """The LLM's last-layer states for unpadded ids (1, L) -> (L, H): what [SEG] positions are read from."""
-        embeds, mask, positions, _ = self.prepare_inputs(input_ids, None, images,
-                                                         None if prompts is None else [prompts])
+        embeds, mask, positions, _ = self.prepare_inputs(
+            input_ids, None, images, None if prompts is None else [prompts]
+        )
         return self.language_model.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, position_ids=positions
         ).last_hidden_state[0]
@@ -380,17 +406,23 @@ class OMGLlavaModel(LlavaModel):
         self, visual_prompts: Sequence[Mapping[str, Any]], pictures: Sequence[Image.Image]
     ) -> list[PromptRegion]:
         """Prompt dicts in image pixels (the server's and the shapes data's format) -> input-frame regions."""
-        return prompt_regions(visual_prompts, [(p.width, p.height) for p in pictures], self.config.vision.image_size)
+        return prompt_regions(
+            visual_prompts, [(p.width, p.height) for p in pictures], self.config.vision.image_size
+        )
 
     def _check_prompt_markers(self, input_ids: torch.Tensor, regions: Sequence[Sequence[Any]] | None) -> None:
         """The stated rule: each `<region>`/`<mark>` in a prompt needs exactly one visual prompt and each
         prompt one marker (`segment` and `chat_pixels` append markers when the text has none)."""
-        markers = torch.isin(input_ids, torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]]))
+        markers = torch.isin(
+            input_ids, torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]])
+        )
         for row, count in enumerate(markers.sum(dim=1).tolist()):
             given = 0 if regions is None else len(regions[row])
             if count != given:
-                raise UnillavaError(f"conversation {row}: {count} <region>/<mark> marker(s) but {given} visual "
-                                    "prompt(s); give one box/point/mask per marker")
+                raise UnillavaError(
+                    f"conversation {row}: {count} <region>/<mark> marker(s) but {given} visual "
+                    "prompt(s); give one box/point/mask per marker"
+                )
 
     @torch.no_grad()
     def generate_results(
@@ -410,12 +442,19 @@ class OMGLlavaModel(LlavaModel):
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         regions = None
         if visual_prompts is not None:
-            regions = [self.prompt_regions(p or [], ims) for p, ims in zip(visual_prompts, images, strict=True)]
+            regions = [
+                self.prompt_regions(p or [], ims) for p, ims in zip(visual_prompts, images, strict=True)
+            ]
         batch, lengths = processor.prompt_batch(list(conversations), [list(ims) for ims in images])
         self._check_prompt_markers(batch.input_ids, regions)
         batch = batch.to(self.device)
-        new_ids = self.generate(batch.input_ids, attention_mask=batch.attention_mask, images=batch.images,
-                                visual_prompts=regions, **settings.generate_kwargs(processor))
+        new_ids = self.generate(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            images=batch.images,
+            visual_prompts=regions,
+            **settings.generate_kwargs(processor),
+        )
         stops = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
         results = []
         image_start = 0
@@ -438,8 +477,12 @@ class OMGLlavaModel(LlavaModel):
                 picture = images[row][-1]
                 geometry = PadGeometry(picture.width, picture.height, self.config.vision.image_size)
                 size = row_images[-1].shape[-1]
-                logits = F.interpolate(decoded.mask_logits[-1][:, 0:1].float(), size=(size, size),
-                                       mode="bilinear", align_corners=False)[:, 0]
+                logits = F.interpolate(
+                    decoded.mask_logits[-1][:, 0:1].float(),
+                    size=(size, size),
+                    mode="bilinear",
+                    align_corners=False,
+                )[:, 0]
                 probs = geometry.logits_to_image(logits).sigmoid()
                 for q in range(probs.shape[0]):
                     mask = (probs[q] > 0.5).cpu().numpy()
@@ -463,8 +506,12 @@ class OMGLlavaModel(LlavaModel):
         conversation = [user_message(prompt, 1)]
         if visual_prompts:
             conversation = with_prompt_markers(conversation, visual_prompts)
-        return self.generate_results([conversation], [[image]], max_new_tokens=max_new_tokens,
-                                     visual_prompts=[list(visual_prompts)] if visual_prompts else None)[0]
+        return self.generate_results(
+            [conversation],
+            [[image]],
+            max_new_tokens=max_new_tokens,
+            visual_prompts=[list(visual_prompts)] if visual_prompts else None,
+        )[0]
 
     def generate_with_masks(
         self,
@@ -484,8 +531,12 @@ class OMGLlavaModel(LlavaModel):
         for start in range(0, len(conversations), batch_size):
             chunk = [[_as_image(im) for im in entry] for entry in images[start : start + batch_size]]
             prompts = None if visual_prompts is None else visual_prompts[start : start + batch_size]
-            for result in self.generate_results(conversations[start : start + batch_size], chunk,
-                                                max_new_tokens=max_new_tokens, visual_prompts=prompts):
+            for result in self.generate_results(
+                conversations[start : start + batch_size],
+                chunk,
+                max_new_tokens=max_new_tokens,
+                visual_prompts=prompts,
+            ):
                 out.append((result.text, result.rles))
             if progress is not None:
                 progress.update(len(chunk))
@@ -506,16 +557,24 @@ class OMGLlavaModel(LlavaModel):
         "point1 <mark>" for points) is appended to the last user turn for each prompt."""
         if visual_prompts:
             conversation = with_prompt_markers(conversation, visual_prompts)
-        result = self.generate_results([conversation], [images], max_new_tokens=settings.max_new_tokens,
-                                       visual_prompts=[visual_prompts] if visual_prompts else None)[0]
+        result = self.generate_results(
+            [conversation],
+            [images],
+            max_new_tokens=settings.max_new_tokens,
+            visual_prompts=[visual_prompts] if visual_prompts else None,
+        )[0]
         if not return_masks:
             return result.text, []
-        masks = [{"mask": m, "phrase": p, "score": s, "image_index": len(images) - 1}
-                 for m, p, s in zip(result.masks, result.phrases, result.scores, strict=True)]
+        masks = [
+            {"mask": m, "phrase": p, "score": s, "image_index": len(images) - 1}
+            for m, p, s in zip(result.masks, result.phrases, result.scores, strict=True)
+        ]
         return result.text, masks
 
 
-def with_prompt_markers(conversation: list[Message], visual_prompts: Sequence[Mapping[str, Any]]) -> list[Message]:
+def with_prompt_markers(
+    conversation: list[Message], visual_prompts: Sequence[Mapping[str, Any]]
+) -> list[Message]:
     """The conversation, with a marker per prompt appended to the last user turn if it has none at all."""
     if any(REGION_TOKEN in m.text or MARK_TOKEN in m.text for m in conversation):
         return conversation
@@ -538,7 +597,11 @@ class SegBatch:
     visual_prompts: list[list[PromptRegion]]
 
     def inputs(self) -> dict[str, Any]:
-        return {**self.batch.model_inputs(), "seg_masks": self.seg_masks, "visual_prompts": self.visual_prompts}
+        return {
+            **self.batch.model_inputs(),
+            "seg_masks": self.seg_masks,
+            "visual_prompts": self.visual_prompts,
+        }
 
 
 def seg_batch(model: OMGLlavaModel, records: Sequence[Mapping[str, Any]], image_root: str | Path) -> SegBatch:
@@ -555,8 +618,11 @@ def seg_batch(model: OMGLlavaModel, records: Sequence[Mapping[str, Any]], image_
         encoded.append(processor.encode(sample.messages, pixels))
         pixel_lists.append(pixels)
         rles = record.get("masks") or []
-        targets.append(mask_targets(rles, pictures[-1].width, pictures[-1].height, size) if rles
-                       else torch.zeros(0, size, size))
+        targets.append(
+            mask_targets(rles, pictures[-1].width, pictures[-1].height, size)
+            if rles
+            else torch.zeros(0, size, size)
+        )
         prompts.append(model.prompt_regions(record.get("visual_prompts") or [], pictures))
     return SegBatch(processor.collate(encoded, pixel_lists, padding_side="right"), targets, prompts)
 
@@ -579,6 +645,8 @@ def load_xtuner_projectors(model: OMGLlavaModel, path: str | Path) -> list[str]:
         if key not in own:
             raise ConfigError(f"{path}: {key} has no counterpart in this model")
         if tuple(own[key].shape) != tuple(value.shape):
-            raise ConfigError(f"{path}: {key} is {tuple(value.shape)} but the model has {tuple(own[key].shape)}")
+            raise ConfigError(
+                f"{path}: {key} is {tuple(value.shape)} but the model has {tuple(own[key].shape)}"
+            )
     model.load_state_dict(converted, strict=False)
     return left

@@ -19,7 +19,9 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
     """
     if kind == "identity":
         if in_dim != out_dim:
-            raise ConfigError(f"projector.type identity needs equal sizes, got vision {in_dim} and LLM {out_dim}")
+            raise ConfigError(
+                f"projector.type identity needs equal sizes, got vision {in_dim} and LLM {out_dim}"
+            )
         return nn.Identity()
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)

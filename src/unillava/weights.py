@@ -25,6 +25,8 @@ def check_state_dict(
             f"{source}: {len(missing)} missing key(s) [{key_list(missing)}], "
             f"{len(unused)} unused key(s) [{key_list(unused)}]"
         )
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {key_list(wrong)}")

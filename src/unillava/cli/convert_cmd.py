@@ -27,13 +27,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     omg.add_argument("--pth", required=True, help="the XTuner OMG-LLaVA .pth")
     omg.add_argument("--segmenter", required=True, help="OMG-Seg checkpoint (omg_seg_convl.pth)")
-    omg.add_argument("--llm", required=True, metavar="DIR", help="InternLM2 directory (config, weights, tokenizer.model)")
-    omg.add_argument("--class-embeddings", metavar="PTH", default=None,
-                     help="the segmenter's class text embeddings (convnext_large_d_320_CocoPanopticOVDataset.pth)")
-    omg.add_argument("--backbone", default=None,
-                     help="open_clip ConvNeXt checkpoint, only for a segmenter file without backbone weights")
-    omg.add_argument("--lora-alpha", type=float, default=256.0,
-                     help="LoRA alpha the .pth was trained with (peft does not store it; released: 256)")
+    omg.add_argument(
+        "--llm", required=True, metavar="DIR", help="InternLM2 directory (config, weights, tokenizer.model)"
+    )
+    omg.add_argument(
+        "--class-embeddings",
+        metavar="PTH",
+        default=None,
+        help="the segmenter's class text embeddings (convnext_large_d_320_CocoPanopticOVDataset.pth)",
+    )
+    omg.add_argument(
+        "--backbone",
+        default=None,
+        help="open_clip ConvNeXt checkpoint, only for a segmenter file without backbone weights",
+    )
+    omg.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=256.0,
+        help="LoRA alpha the .pth was trained with (peft does not store it; released: 256)",
+    )
     omg.add_argument("--image-size", type=int, default=1024, help="input side in pixels (released: 1024)")
     omg.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype to write")
     omg.add_argument("--out", required=True, help="output model directory (new or empty)")

@@ -21,30 +21,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "their released files under --data (see docs/evaluation.md).",
     )
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True,
-                        help="`unillava data shapes` output, or the directory holding the benchmarks' folders")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="`unillava data shapes` output, or the directory holding the benchmarks' folders",
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", action="append", help="a procedural task name; repeat for several")
-    group.add_argument("--benchmark", action="append", help="a benchmark name (e.g. pope, mme, gqa); repeat for several")
-    group.add_argument("--suite", choices=["shapes", *BENCHMARK_SUITES],
-                       help="every task of the shapes suite, or every benchmark of a paper whose data exists")
-    parser.add_argument("--split", default=None,
-                        help="shapes: default test; benchmarks: default each benchmark's paper split")
+    group.add_argument(
+        "--benchmark", action="append", help="a benchmark name (e.g. pope, mme, gqa); repeat for several"
+    )
+    group.add_argument(
+        "--suite",
+        choices=["shapes", *BENCHMARK_SUITES],
+        help="every task of the shapes suite, or every benchmark of a paper whose data exists",
+    )
+    parser.add_argument(
+        "--split", default=None, help="shapes: default test; benchmarks: default each benchmark's paper split"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N samples of each task or benchmark")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="default 128 for tasks; for benchmarks each benchmark's own default")
-    parser.add_argument("--out", default=None, help="output directory (default: MODEL/eval-SPLIT or MODEL/eval-BENCHMARKS)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default 128 for tasks; for benchmarks each benchmark's own default",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output directory (default: MODEL/eval-SPLIT or MODEL/eval-BENCHMARKS)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_template_flag(parser)
-    parser.add_argument("--images", default="own", choices=["own", "blank", "other"],
-                        help="tasks: the image ablation: ask the same questions about a grey image (blank) or "
-                        "another record's image (other); default each record's own image")
-    parser.add_argument("--skip-invalid", action="store_true",
-                        help="benchmarks: evaluate the rest when some records are invalid (they are counted and listed)")
+    parser.add_argument(
+        "--images",
+        default="own",
+        choices=["own", "blank", "other"],
+        help="tasks: the image ablation: ask the same questions about a grey image (blank) or "
+        "another record's image (other); default each record's own image",
+    )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="benchmarks: evaluate the rest when some records are invalid (they are counted and listed)",
+    )
     parser.add_argument("--no-meteor", action="store_true", help="benchmarks: skip METEOR (needs Java)")
-    parser.add_argument("--judge-endpoint", default=None,
-                        help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) for MM-Vet / LLaVA-Bench")
+    parser.add_argument(
+        "--judge-endpoint",
+        default=None,
+        help="OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1) for MM-Vet / LLaVA-Bench",
+    )
     parser.add_argument("--judge-model", default=None, help="the judge model's name on that server")
     parser.set_defaults(func=run)
 
@@ -74,8 +99,15 @@ def _run_tasks(args: argparse.Namespace, data: Path) -> int:
     suffix = "" if args.images == "own" else f"-{args.images}-image"
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}{suffix}"
     summary = evaluate(
-        model, data, tasks, out, split=split, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens or 128, images_from=args.images,
+        model,
+        data,
+        tasks,
+        out,
+        split=split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens or 128,
+        images_from=args.images,
     )
     print_summary(summary["tasks"])
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
@@ -98,13 +130,19 @@ def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
     label = suite or "-".join(args.benchmark)
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{label}"
     opts = RunOptions(
-        split=args.split, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        skip_invalid=args.skip_invalid, meteor=not args.no_meteor, judge_endpoint=args.judge_endpoint,
+        split=args.split,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        skip_invalid=args.skip_invalid,
+        meteor=not args.no_meteor,
+        judge_endpoint=args.judge_endpoint,
         judge_model=args.judge_model,
     )
     model = unillava.load(args.model, dtype=args.dtype, template=args.template)
-    summary = run_benchmarks(model, data, out, names=args.benchmark, suite=suite, opts=opts,
-                             model_name=Path(args.model).name)
+    summary = run_benchmarks(
+        model, data, out, names=args.benchmark, suite=suite, opts=opts, model_name=Path(args.model).name
+    )
     print_summary(summary)
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
     return 0

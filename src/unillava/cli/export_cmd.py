@@ -24,8 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "MODEL cannot be read or cannot be represented."
         ),
     )
-    parser.add_argument("--to", required=True, choices=["hf", "compact"],
-                        help="target layout (hf: llava-hf; compact: unillava, difference from the base parts)")
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=["hf", "compact"],
+        help="target layout (hf: llava-hf; compact: unillava, difference from the base parts)",
+    )
     parser.add_argument("model", metavar="MODEL", help="model directory")
     parser.add_argument("out", metavar="OUT", help="output directory (new or empty)")
     parser.add_argument(

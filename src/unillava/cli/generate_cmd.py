@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory (unillava, llava-hf or original LLaVA)")
+    parser.add_argument(
+        "--model", required=True, help="model directory (unillava, llava-hf or original LLaVA)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -38,14 +40,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_sampling(gen)
     gen.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--json", action="store_true",
-                     help='print {"text": ...} as JSON (with "masks", COCO RLE, for segmenting models)')
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"text": ...} as JSON (with "masks", COCO RLE, for segmenting models)',
+    )
     add_prompt_flags(gen, scope="on the last --image (OMG-LLaVA models)")
     gen.set_defaults(func=run_generate)
 
-    chat = subparsers.add_parser("chat", help="interactive multi-turn chat; /image PATH adds an image",
-                                 description="Interactive multi-turn chat. " + CHAT_HELP + ". Once a visual "
-                                 "prompt is given, answers are greedy and printed whole (as `segment`).")
+    chat = subparsers.add_parser(
+        "chat",
+        help="interactive multi-turn chat; /image PATH adds an image",
+        description="Interactive multi-turn chat. " + CHAT_HELP + ". Once a visual "
+        "prompt is given, answers are greedy and printed whole (as `segment`).",
+    )
     _add_sampling(chat)
     chat.add_argument("--image", action="append", default=[], help="an image for the first turn")
     add_prompt_flags(chat, scope="for the first message, on the last --image (OMG-LLaVA models)")
@@ -53,7 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -76,7 +89,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
             conversation = with_prompt_markers(conversation, prompts)
         [(text, masks)] = model.generate_with_masks(
-            [conversation], [images], max_new_tokens=args.max_new_tokens,
+            [conversation],
+            [images],
+            max_new_tokens=args.max_new_tokens,
             visual_prompts=[prompts] if prompts else None,
         )
         result = {"text": text, "masks": masks}
@@ -98,8 +113,13 @@ CHAT_HELP = (
 PROMPT_COMMANDS = {"/box": "box", "/point": "point", "/mask": "mask"}
 
 
-def _pixel_reply(model: InferenceModel, conversation: list[Message], images: list[Image.Image],
-                 prompts: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, int]:
+def _pixel_reply(
+    model: InferenceModel,
+    conversation: list[Message],
+    images: list[Image.Image],
+    prompts: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> tuple[str, int]:
     """(answer, mask count) once the conversation has visual prompts: the model's pixel-level hook (greedy,
     as `segment`), given every prompt so far because their markers stay in the history."""
     from unillava.inference import GenerationSettings
@@ -148,7 +168,9 @@ def run_chat(args: argparse.Namespace) -> int:
                     raise ConfigError(NO_PROMPTS)
                 if not marked:
                     raise ConfigError(f"{command} marks an image: attach one first with /image PATH")
-                pending_prompts.append(parse_prompt(kind, rest.strip(), marked[-1], len(marked) - 1, prefix="/"))
+                pending_prompts.append(
+                    parse_prompt(kind, rest.strip(), marked[-1], len(marked) - 1, prefix="/")
+                )
             except UnillavaError as err:
                 print(f"error: {err}", file=sys.stderr)
                 continue
@@ -173,11 +195,22 @@ def run_chat(args: argparse.Namespace) -> int:
         try:
             print("assistant> " if interactive else "", end="", flush=True)
             if turn_prompts:
-                reply, n_masks = _pixel_reply(model, [*history, message], [*images, *turn_images], turn_prompts, args)
-                print(reply + (f"  ({n_masks} mask(s); use `unillava generate --json` to get them)" if n_masks else ""))
+                reply, n_masks = _pixel_reply(
+                    model, [*history, message], [*images, *turn_images], turn_prompts, args
+                )
+                print(
+                    reply
+                    + (
+                        f"  ({n_masks} mask(s); use `unillava generate --json` to get them)"
+                        if n_masks
+                        else ""
+                    )
+                )
             else:
                 reply = ""
-                for piece in model.chat([*history, message], [*images, *turn_images], stream=True, **_settings(args)):
+                for piece in model.chat(
+                    [*history, message], [*images, *turn_images], stream=True, **_settings(args)
+                ):
                     reply += piece
                     print(piece, end="", flush=True)
                 print()

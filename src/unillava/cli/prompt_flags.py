@@ -26,8 +26,13 @@ NO_PROMPTS = "this model takes no visual prompts (--box/--point/--mask need an O
 class _Tagged(argparse.Action):
     """Append (kind, raw text) to the list shared by the three flags, keeping command-line order."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (self.const, values)])
 
 
@@ -35,13 +40,28 @@ def add_prompt_flags(parser: argparse.ArgumentParser, *, scope: str = "") -> Non
     """Add `--box`, `--point` and `--mask` (all repeatable, into `args.visual_prompts`)."""
     suffix = f"; {scope}" if scope else ""
     common: dict[str, Any] = {"action": _Tagged, "dest": "visual_prompts", "default": []}
-    parser.add_argument("--box", const="box", metavar="X0,Y0,X1,Y1", **common,
-                        help=f"a box visual prompt in image pixels (repeatable); fills a <region>{suffix}")
-    parser.add_argument("--point", const="point", metavar="X,Y", **common,
-                        help=f"a point visual prompt in image pixels (repeatable); fills a <mark>{suffix}")
-    parser.add_argument("--mask", const="mask", metavar="FILE.png", **common,
-                        help=f"a mask visual prompt: a PNG of the image's size whose nonzero pixels are the "
-                             f"region (repeatable); fills a <region>{suffix}")
+    parser.add_argument(
+        "--box",
+        const="box",
+        metavar="X0,Y0,X1,Y1",
+        **common,
+        help=f"a box visual prompt in image pixels (repeatable); fills a <region>{suffix}",
+    )
+    parser.add_argument(
+        "--point",
+        const="point",
+        metavar="X,Y",
+        **common,
+        help=f"a point visual prompt in image pixels (repeatable); fills a <mark>{suffix}",
+    )
+    parser.add_argument(
+        "--mask",
+        const="mask",
+        metavar="FILE.png",
+        **common,
+        help=f"a mask visual prompt: a PNG of the image's size whose nonzero pixels are the "
+        f"region (repeatable); fills a <region>{suffix}",
+    )
 
 
 def _numbers(text: str, count: int, flag: str) -> list[float]:
@@ -66,15 +86,19 @@ def read_mask(path: str, size: tuple[int, int], flag: str = "--mask") -> np.ndar
         raise ConfigError(f"{flag} {path}: cannot read it as an image ({err})") from None
     height, width = pixels.shape[:2]
     if (width, height) != tuple(size):
-        raise ConfigError(f"{flag} {path}: the mask is {width}x{height} but the image is {size[0]}x{size[1]} "
-                          "(width x height); they must match")
+        raise ConfigError(
+            f"{flag} {path}: the mask is {width}x{height} but the image is {size[0]}x{size[1]} "
+            "(width x height); they must match"
+        )
     mask = pixels.any(axis=-1) if pixels.ndim == 3 else pixels != 0
     if not mask.any():
         raise ConfigError(f"{flag} {path}: the mask has no nonzero pixels")
     return mask
 
 
-def parse_prompt(kind: str, text: str, image: Image.Image, image_index: int, *, prefix: str = "--") -> dict[str, Any]:
+def parse_prompt(
+    kind: str, text: str, image: Image.Image, image_index: int, *, prefix: str = "--"
+) -> dict[str, Any]:
     """One flag's text -> a prompt dict in image pixels (the format `OMGLlavaModel` takes)."""
     flag = prefix + kind
     if kind == "box":
@@ -86,7 +110,9 @@ def parse_prompt(kind: str, text: str, image: Image.Image, image_index: int, *, 
     raise ConfigError(f"visual prompt type must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def prompts_from_flags(items: Sequence[tuple[str, str]], images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+def prompts_from_flags(
+    items: Sequence[tuple[str, str]], images: Sequence[Image.Image]
+) -> list[dict[str, Any]]:
     """The command line's prompts, in typed order, on the last of `images`."""
     if not items:
         return []

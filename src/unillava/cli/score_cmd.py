@@ -19,9 +19,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "prints a table and writes results_{task}.json.",
     )
     parser.add_argument("--task", required=True, choices=TASKS, help="task to score")
-    parser.add_argument("--pred", required=True, type=Path, help="prediction JSONL ({id, text, masks?, phrases?})")
     parser.add_argument(
-        "--ann", required=True, type=Path, help="annotation JSONL, or a tasks/{split}/ directory holding {task}.jsonl"
+        "--pred", required=True, type=Path, help="prediction JSONL ({id, text, masks?, phrases?})"
+    )
+    parser.add_argument(
+        "--ann",
+        required=True,
+        type=Path,
+        help="annotation JSONL, or a tasks/{split}/ directory holding {task}.jsonl",
     )
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: beside --pred)")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java start takes ~10 s)")

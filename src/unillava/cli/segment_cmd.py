@@ -85,8 +85,16 @@ def _run_train(args: argparse.Namespace) -> int:
         if step % args.log_every == 0 or step == args.steps:
             print(json.dumps({"step": step, "loss": round(loss, 4)}), file=sys.stdout, flush=True)
 
-    train_segmenter(model, args.data, steps=args.steps, image_size=args.image_size, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, log=log)
+    train_segmenter(
+        model,
+        args.data,
+        steps=args.steps,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        log=log,
+    )
     model.save_pretrained(args.out)
     print(f"saved the segmenter to {args.out}", file=sys.stdout)
     return 0
@@ -103,8 +111,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `segment`, `train-segmenter` and `eval-segmenter`."""
-    seg = subparsers.add_parser("segment", help="answer a prompt with masks (OMG-LLaVA models)",
-                                description="Answer a prompt about an image and write one mask per [SEG].")
+    seg = subparsers.add_parser(
+        "segment",
+        help="answer a prompt with masks (OMG-LLaVA models)",
+        description="Answer a prompt about an image and write one mask per [SEG].",
+    )
     seg.add_argument("--model", required=True, help="an OMG-LLaVA model directory")
     seg.add_argument("--image", required=True, help="image file")
     seg.add_argument("--prompt", required=True, help='e.g. "Please segment the red circle in this image."')
@@ -113,8 +124,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_prompt_flags(seg)
     seg.set_defaults(func=_run_segment)
 
-    train = subparsers.add_parser("train-segmenter", help="stage 0: train the perception model on COCO instances",
-                                  description="Train the Mask2Former segmenter on annotations/instances_train.json.")
+    train = subparsers.add_parser(
+        "train-segmenter",
+        help="stage 0: train the perception model on COCO instances",
+        description="Train the Mask2Former segmenter on annotations/instances_train.json.",
+    )
     train.add_argument("--data", required=True, help="dataset root with annotations/ and images/")
     train.add_argument("--out", required=True, help="output directory (perception_config.json + weights)")
     train.add_argument("--config", default=None, help="'tiny' (default) or a JSON Mask2Former config")
@@ -127,8 +141,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--log-every", type=int, default=10)
     train.set_defaults(func=_run_train)
 
-    ev = subparsers.add_parser("eval-segmenter", help="stage 0: mask AP of a segmenter (pycocotools)",
-                               description="COCO mask AP / AP50 / AP75 on annotations/instances_{split}.json.")
+    ev = subparsers.add_parser(
+        "eval-segmenter",
+        help="stage 0: mask AP of a segmenter (pycocotools)",
+        description="COCO mask AP / AP50 / AP75 on annotations/instances_{split}.json.",
+    )
     ev.add_argument("--model", required=True, help="a segmenter directory from train-segmenter")
     ev.add_argument("--data", required=True, help="dataset root")
     ev.add_argument("--split", default="test")

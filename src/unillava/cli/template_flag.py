@@ -9,6 +9,8 @@ from unillava.conversation import TEMPLATE_NAMES
 
 def add_template_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--template", default=None, choices=TEMPLATE_NAMES,
+        "--template",
+        default=None,
+        choices=TEMPLATE_NAMES,
         help="prompt format; default: the checkpoint's own (its chat template, or the one it was trained with)",
     )

@@ -186,7 +186,9 @@ class SupervisedDataset(Dataset):
         vocab = self.processor.tokenizer.get_vocab()
         missing = [t for t in (SEG_TOKEN, REGION_TOKEN, MARK_TOKEN) if t not in vocab]
         if missing:
-            raise ConfigError(f"pixel targets need a tokenizer with {', '.join(missing)} (an OMG-LLaVA model)")
+            raise ConfigError(
+                f"pixel targets need a tokenizer with {', '.join(missing)} (an OMG-LLaVA model)"
+            )
         if self.processor.image_preprocessor.mode != "pad":
             raise ConfigError(
                 f"vision.image_mode: pixel targets need 'pad', got {self.processor.image_preprocessor.mode!r}"
@@ -207,7 +209,9 @@ class SupervisedDataset(Dataset):
                 counts.append(None)
                 continue
             if found > len(value):
-                raise DataError(f"{sample.source}: field '{name}': {len(value)} entries but {found} tokens after encoding")
+                raise DataError(
+                    f"{sample.source}: field '{name}': {len(value)} entries but {found} tokens after encoding"
+                )
             counts.append(found)
         return counts[0], counts[1]
 

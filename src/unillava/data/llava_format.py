@@ -185,7 +185,9 @@ def rle_problem(rle: Any) -> str | None:
     elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
         runs = counts
     else:
-        return f"'counts' must be a compressed RLE string or an array of run lengths, got {_json_type(counts)}"
+        return (
+            f"'counts' must be a compressed RLE string or an array of run lengths, got {_json_type(counts)}"
+        )
     if any(run < 0 for run in runs) or sum(runs) != size[0] * size[1]:
         return f"'counts' does not cover the {size[0]}x{size[1]} mask (runs sum to {sum(runs)}, some may be negative)"
     return None
@@ -199,7 +201,9 @@ def _prompt_problem(prompt: Any, num_images: int) -> str | None:
     if kind not in PROMPT_TYPES:
         return f"'type' must be one of {', '.join(PROMPT_TYPES)}, got {kind!r}"
     index = prompt.get("image_index", 0)
-    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_images):
+    if index is not None and (
+        isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_images
+    ):
         return f"'image_index' must be an image of the record (0..{num_images - 1}), got {index!r}"
     if kind == "mask":
         problem = rle_problem(prompt.get("mask"))
@@ -216,7 +220,9 @@ def _prompt_problem(prompt: Any, num_images: int) -> str | None:
     return None
 
 
-def check_pixel_fields(record: dict[str, Any], roles: list[Role], values: list[str], num_images: int, source: str) -> None:
+def check_pixel_fields(
+    record: dict[str, Any], roles: list[Role], values: list[str], num_images: int, source: str
+) -> None:
     """Check a record's `masks` and `visual_prompts` (absent or null: nothing to check).
 
     `masks`: an array of COCO RLEs, exactly one per `[SEG]` in the answers, which only answers may hold
@@ -551,6 +557,7 @@ def merge_turns(records: Sequence[dict[str, Any]], max_turns: int, seed: int = 0
                     {"from": "human", "value": f"{IMAGE_MARKER}\n{question}" if k == 0 else question},
                     {"from": "gpt", "value": gpt["value"]},
                 ]
-            merged.append({"id": "+".join(str(r["id"]) for r in chunk), "image": image,
-                           "conversations": conversations})
+            merged.append(
+                {"id": "+".join(str(r["id"]) for r in chunk), "image": image, "conversations": conversations}
+            )
     return merged + passed

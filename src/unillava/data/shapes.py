@@ -838,7 +838,11 @@ def generate_dataset(
     (out / "scenes").mkdir(exist_ok=True)
     (out / "annotations").mkdir(exist_ok=True)
 
-    jobs = [(str(out), s, split_seed(seed, s), i, spec, fine_every) for s in SPLITS for i in range(1, counts[s] + 1)]
+    jobs = [
+        (str(out), s, split_seed(seed, s), i, spec, fine_every)
+        for s in SPLITS
+        for i in range(1, counts[s] + 1)
+    ]
     total = len(jobs)
     scenes: dict[str, list[dict]] = {s: [] for s in SPLITS}
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 and total > 1 else None

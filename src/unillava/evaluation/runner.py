@@ -31,9 +31,18 @@ BLANK_GREY = (128, 128, 128)
 
 # The headline metric of each task, for one-line summaries.
 HEADLINE = {
-    "vqa": "accuracy", "fine_text": "accuracy", "fine_count": "accuracy", "region_vqa": "accuracy",
-    "mc": "accuracy", "pope": "f1", "caption": "CIDEr", "detail": "CIDEr", "refseg": "cIoU",
-    "reasonseg": "cIoU", "region_caption": "attribute_accuracy", "gcg": "mIoU",
+    "vqa": "accuracy",
+    "fine_text": "accuracy",
+    "fine_count": "accuracy",
+    "region_vqa": "accuracy",
+    "mc": "accuracy",
+    "pope": "f1",
+    "caption": "CIDEr",
+    "detail": "CIDEr",
+    "refseg": "cIoU",
+    "reasonseg": "cIoU",
+    "region_caption": "attribute_accuracy",
+    "gcg": "mIoU",
 }
 
 
@@ -86,10 +95,16 @@ def predict_task(
             if model.supports_segmentation:
                 prompts = [s.extra.get("visual_prompts") for s in chunk]
                 answers = model.generate_with_masks(
-                    conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    conversations,
+                    images,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
                     visual_prompts=prompts if any(prompts) else None,
                 )
-                records = [{"id": s.id, "text": text, "masks": masks} for s, (text, masks) in zip(chunk, answers, strict=True)]
+                records = [
+                    {"id": s.id, "text": text, "masks": masks}
+                    for s, (text, masks) in zip(chunk, answers, strict=True)
+                ]
             else:
                 texts = model.generate_conversations(
                     conversations, images, batch_size=batch_size, max_new_tokens=max_new_tokens
@@ -153,14 +168,25 @@ def evaluate(
         ann = _task_file(data_dir, split, task)
         preds = out_dir / f"predictions_{task}.jsonl"
         predict_task(
-            model, ann, preds, image_root=data_dir, limit=limit, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, images_from=images_from,
+            model,
+            ann,
+            preds,
+            image_root=data_dir,
+            limit=limit,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            images_from=images_from,
         )
         results = score_files(task, preds, _limited(ann, out_dir, limit))
         write_results(results, out_dir)
         all_results[task] = results
-    summary = {"data": str(data_dir), "split": split, "limit": limit, "images_from": images_from,
-               "tasks": all_results}
+    summary = {
+        "data": str(data_dir),
+        "split": split,
+        "limit": limit,
+        "images_from": images_from,
+        "tasks": all_results,
+    }
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     write_report(out_dir, data_dir, split, all_results, report_samples)
     return summary
@@ -193,7 +219,9 @@ def summary_table(all_results: dict[str, Any]) -> Table:
     return table
 
 
-def write_report(out_dir: Path, data_dir: Path, split: str, all_results: dict[str, Any], n_samples: int) -> Path:
+def write_report(
+    out_dir: Path, data_dir: Path, split: str, all_results: dict[str, Any], n_samples: int
+) -> Path:
     """A markdown report: the metrics table, then a few samples with image, question, answer and truth."""
     images_dir = out_dir / "report_images"
     images_dir.mkdir(parents=True, exist_ok=True)

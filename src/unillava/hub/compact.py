@@ -57,7 +57,11 @@ def export_compact(model_dir: str | Path, out: str | Path) -> dict[str, Any]:
         _copy_lora_weights(src / ADAPTER_DIR, out / ADAPTER_DIR)
     base_dtype = _stored_dtype(src / WEIGHTS_NAME, "language_model.")
     base, vocab = model_class_for(full.config).build_base(
-        copy.deepcopy(full.config), sources, full.tokenizer, base_dtype, out / ADAPTER_DIR if has_adapter else None
+        copy.deepcopy(full.config),
+        sources,
+        full.tokenizer,
+        base_dtype,
+        out / ADAPTER_DIR if has_adapter else None,
     )
     base_state = base.state_dict()
     tied = set(full._tied_keys())
@@ -81,11 +85,20 @@ def export_compact(model_dir: str | Path, out: str | Path) -> dict[str, Any]:
         )
     save_file(stored, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     full.tokenizer.save_pretrained(out)
-    meta["base"] = {"vision": sources["vision"], "llm": sources["llm"], "dtype": str(base_dtype).removeprefix("torch."),
-                    "adapter": ADAPTER_DIR if has_adapter else None, "rows": rows}
+    meta["base"] = {
+        "vision": sources["vision"],
+        "llm": sources["llm"],
+        "dtype": str(base_dtype).removeprefix("torch."),
+        "adapter": ADAPTER_DIR if has_adapter else None,
+        "rows": rows,
+    }
     (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str))
-    return {"keys": sorted(stored), "mib": round(sum(v.numel() * v.element_size() for v in stored.values()) / 2**20, 2),
-            "rows": rows, "adapter": has_adapter}
+    return {
+        "keys": sorted(stored),
+        "mib": round(sum(v.numel() * v.element_size() for v in stored.values()) / 2**20, 2),
+        "rows": rows,
+        "adapter": has_adapter,
+    }
 
 
 def _copy_lora_weights(src: Path, dst: Path) -> None:

@@ -250,7 +250,9 @@ def load_tokenizer(path: Path, what: str) -> Any:
         ) from None
 
 
-def pick_template(tokenizer: Any, image_token: str = "<image>", *, source: str, documented: bool = False) -> str:
+def pick_template(
+    tokenizer: Any, image_token: str = "<image>", *, source: str, documented: bool = False
+) -> str:
     """The template a checkpoint ships: the one our export recorded, else its chat template (plain-string
     content: `chat_template`; a processor's typed content, as llava-hf has: `processor_chat_template`).
 
@@ -264,15 +266,20 @@ def pick_template(tokenizer: Any, image_token: str = "<image>", *, source: str, 
             return marker.group(1)
         if _renders(TokenizerChatTemplate(tokenizer), [Message("user", ["probe question"])]):
             return "chat_template"
-        if _renders(ProcessorChatTemplate(tokenizer, image_token), [Message("user", [ImageSlot(), "\nprobe question"])],
-                    image=True):
+        if _renders(
+            ProcessorChatTemplate(tokenizer, image_token),
+            [Message("user", [ImageSlot(), "\nprobe question"])],
+            image=True,
+        ):
             return "processor_chat_template"
         reason = "its chat template renders neither plain-string nor typed (processor) messages"
     else:
         reason = "it has no chat template"
     if not documented:
-        warnings.warn(f"{source}: {reason}; using the 'vicuna_v1' template (choose another with --template)",
-                      stacklevel=3)
+        warnings.warn(
+            f"{source}: {reason}; using the 'vicuna_v1' template (choose another with --template)",
+            stacklevel=3,
+        )
     return "vicuna_v1"
 
 

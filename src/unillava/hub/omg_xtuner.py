@@ -118,9 +118,15 @@ _OUR_PIXEL = "model.pixel_level_module.decoder."
 _OUR_BACKBONE = "model.pixel_level_module.encoder."
 _OUR_DECODER = "model.transformer_module.decoder."
 _SEGMENTER_UNUSED = (
-    (r"^backbone\.head\.", "CLIP image head: OMG-Seg uses it only to re-score classes with CLIP features "
-     "(open_voc_inference), which OMG-LLaVA never runs"),
-    (r"^panoptic_head\.iou_embed\.", "IoU head: OMG-Seg's predict() drops its output and OMG-LLaVA never reads it"),
+    (
+        r"^backbone\.head\.",
+        "CLIP image head: OMG-Seg uses it only to re-score classes with CLIP features "
+        "(open_voc_inference), which OMG-LLaVA never runs",
+    ),
+    (
+        r"^panoptic_head\.iou_embed\.",
+        "IoU head: OMG-Seg's predict() drops its output and OMG-LLaVA never reads it",
+    ),
 )
 
 
@@ -134,8 +140,11 @@ def add_decoder_keys(keymap: KeyMap, source: str, mask_source: str, target: str,
         keymap.add(f"{src}cross_attn.attn.in_proj_bias", f"{dst}cross_attn.in_proj_bias")
         keymap.linear(f"{src}cross_attn.attn.out_proj", f"{dst}cross_attn.out_proj")
         for name in ("weight", "bias"):
-            keymap.add(f"{src}self_attn.attn.in_proj_{name}",
-                       tuple(f"{dst}self_attn.{p}_proj.{name}" for p in "qkv"), _thirds)
+            keymap.add(
+                f"{src}self_attn.attn.in_proj_{name}",
+                tuple(f"{dst}self_attn.{p}_proj.{name}" for p in "qkv"),
+                _thirds,
+            )
         keymap.linear(f"{src}self_attn.attn.out_proj", f"{dst}self_attn.out_proj")
         keymap.linear(f"{src}norms.0", f"{dst}cross_attn_layer_norm")
         keymap.linear(f"{src}norms.1", f"{dst}self_attn_layer_norm")
@@ -148,21 +157,28 @@ def add_decoder_keys(keymap: KeyMap, source: str, mask_source: str, target: str,
 
 
 def _backbone(
-    segmenter: Mapping[str, Tensor], seg_source: str, backbone: Mapping[str, Tensor] | None, backbone_source: str
+    segmenter: Mapping[str, Tensor],
+    seg_source: str,
+    backbone: Mapping[str, Tensor] | None,
+    backbone_source: str,
 ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, dict[str, str]]]:
     """The ConvNeXt trunk: from the segmenter's `backbone.*` (OMG-Seg's `layerN` = timm `stages.N-1`) or,
     when it has none, from an open_clip / timm checkpoint. Returns its config, our keys, and the unused."""
     own = sorted(k for k in segmenter if k.startswith("backbone."))
     unused: dict[str, dict[str, str]] = {}
     if own and backbone is not None:
-        raise CheckpointError(f"{seg_source} carries its own backbone; do not pass a separate one ({backbone_source})")
+        raise CheckpointError(
+            f"{seg_source} carries its own backbone; do not pass a separate one ({backbone_source})"
+        )
     if own:
         trunk, source, prefix = {}, seg_source, ""
         head = [k for k in own if k.startswith("backbone.head.")]
         unused[seg_source] = _reasons(head, _SEGMENTER_UNUSED, "")
         for key in own:
             if key not in unused[seg_source]:
-                name = re.sub(r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key[len("backbone."):])
+                name = re.sub(
+                    r"^layer(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.", key[len("backbone.") :]
+                )
                 trunk[name] = segmenter[key]
     elif backbone is not None:  # an open_clip (`visual.trunk.`) or timm file
         trunk, source = dict(backbone), backbone_source
@@ -170,8 +186,10 @@ def _backbone(
         rest = [k for k in trunk if not k.startswith(prefix)]
         unused[source] = dict.fromkeys(rest, "not the ConvNeXt trunk (CLIP text tower or projection head)")
     else:
-        raise CheckpointError(f"{seg_source}: no `backbone.*` weights; pass the open_clip ConvNeXt checkpoint "
-                              "it was trained on (backbone=...)")
+        raise CheckpointError(
+            f"{seg_source}: no `backbone.*` weights; pass the open_clip ConvNeXt checkpoint "
+            "it was trained on (backbone=...)"
+        )
     try:
         config, state = convert_timm_convnext(trunk, prefix=prefix)
     except CheckpointError as err:
@@ -179,7 +197,8 @@ def _backbone(
     for key in [k for k in state if k.startswith("layernorm.")]:  # timm's head.norm: a pooled-output norm
         del state[key]
         unused.setdefault(source, {})[f"{prefix}head.norm.{key.split('.')[-1]}"] = (
-            "the ConvNeXt's pooled-output norm: Mask2Former reads the stage outputs")
+            "the ConvNeXt's pooled-output norm: Mask2Former reads the stage outputs"
+        )
     backbone_config = {
         "model_type": "convnext",
         "num_channels": config.num_channels,
@@ -210,7 +229,9 @@ def convert_segmenter(
     """
     keys = sorted(segmenter)
     if not any(k.startswith("panoptic_head.") for k in keys):
-        raise CheckpointError(f"{source}: no `panoptic_head.*` keys; not an OMG-Seg (mmdet Mask2Former) checkpoint")
+        raise CheckpointError(
+            f"{source}: no `panoptic_head.*` keys; not an OMG-Seg (mmdet Mask2Former) checkpoint"
+        )
     backbone_config, state, unused = _backbone(segmenter, source, backbone, backbone_source)
 
     def shape(key: str) -> tuple[int, ...]:
@@ -221,13 +242,17 @@ def convert_segmenter(
     levels = _count(keys, r"^panoptic_head\.pixel_decoder\.input_convs\.(\d+)\.")
     fpn = _count(keys, r"^panoptic_head\.pixel_decoder\.lateral_convs\.(\d+)\.")
     if (levels, fpn) != (3, 1):
-        raise CheckpointError(f"{source}: the pixel decoder has {levels} encoder level(s) and {fpn} FPN level(s); "
-                              "transformers' Mask2Former has 3 and 1")
+        raise CheckpointError(
+            f"{source}: the pixel decoder has {levels} encoder level(s) and {fpn} FPN level(s); "
+            "transformers' Mask2Former has 3 and 1"
+        )
     encoder_layers = _count(keys, r"^panoptic_head\.pixel_decoder\.encoder\.layers\.(\d+)\.")
     decoder_layers = _count(keys, r"^panoptic_head\.transformer_decoder\.layers\.(\d+)\.")
     heads, rest = divmod(shape(f"{_PIXEL}encoder.layers.0.self_attn.attention_weights.weight")[0], 3 * 4)
     if rest or not heads:
-        raise CheckpointError(f"{source}: deformable attention is not 3 levels x 4 points (transformers' fixed layout)")
+        raise CheckpointError(
+            f"{source}: deformable attention is not 3 levels x 4 points (transformers' fixed layout)"
+        )
     num_queries, hidden_dim = shape("panoptic_head.query_feat.weight")
     enforce_projection = "panoptic_head.decoder_input_projs.0.weight" in segmenter
     config: dict[str, Any] = {
@@ -266,14 +291,21 @@ def convert_segmenter(
     keymap.add(f"{_PIXEL}output_convs.0.conv.weight", f"{_OUR_PIXEL}layer_1.0.weight")
     keymap.linear(f"{_PIXEL}output_convs.0.gn", f"{_OUR_PIXEL}layer_1.1")
     keymap.linear(f"{_PIXEL}mask_feature", f"{_OUR_PIXEL}mask_projection")
-    add_decoder_keys(keymap, "panoptic_head.transformer_decoder.", "panoptic_head.mask_embed.", _OUR_DECODER,
-                     decoder_layers)
+    add_decoder_keys(
+        keymap,
+        "panoptic_head.transformer_decoder.",
+        "panoptic_head.mask_embed.",
+        _OUR_DECODER,
+        decoder_layers,
+    )
     keymap.add("panoptic_head.query_feat.weight", "model.transformer_module.queries_features.weight")
     keymap.add("panoptic_head.query_embed.weight", "model.transformer_module.queries_embedder.weight")
     keymap.add("panoptic_head.level_embed.weight", "model.transformer_module.level_embed.weight")
     if enforce_projection:
         for i in range(levels):
-            keymap.linear(f"panoptic_head.decoder_input_projs.{i}", f"model.transformer_module.input_projections.{i}")
+            keymap.linear(
+                f"panoptic_head.decoder_input_projs.{i}", f"model.transformer_module.input_projections.{i}"
+            )
 
     if "panoptic_head.cls_embed.weight" in segmenter:
         config.update(class_head="linear", num_labels=shape("panoptic_head.cls_embed.weight")[0] - 1)
@@ -284,32 +316,44 @@ def convert_segmenter(
             raise CheckpointError(
                 f"{source}: OMG-Seg's class head scores queries against CLIP text embeddings of its class names, "
                 "which the segmenter file does not hold: pass class_embeddings= (the released "
-                "convnext_large_d_320_CocoPanopticOVDataset.pth)")
+                "convnext_large_d_320_CocoPanopticOVDataset.pth)"
+            )
         embeddings = class_embeddings if class_embeddings.dim() == 3 else class_embeddings[:, None]
         if embeddings.dim() != 3 or embeddings.shape[-1] != embed_dim:
-            raise CheckpointError(f"class embeddings {tuple(class_embeddings.shape)}: expected (classes, "
-                                  f"[prototypes,] {embed_dim}) to match {source}'s cls_proj")
+            raise CheckpointError(
+                f"class embeddings {tuple(class_embeddings.shape)}: expected (classes, "
+                f"[prototypes,] {embed_dim}) to match {source}'s cls_proj"
+            )
         background = embeddings.new_zeros(1, *embeddings.shape[1:])  # OMG-Seg's background: logit 0
         state["class_predictor.text_embeddings"] = torch.cat([embeddings, background]).float()
-        config.update(class_head="open_vocab", num_labels=int(embeddings.shape[0]), class_embed_dim=embed_dim,
-                      class_prototypes=int(embeddings.shape[1]))
+        config.update(
+            class_head="open_vocab",
+            num_labels=int(embeddings.shape[0]),
+            class_embed_dim=embed_dim,
+            class_prototypes=int(embeddings.shape[1]),
+        )
         for index in (0, 2, 4):
             keymap.linear(f"panoptic_head.cls_proj.{index}", f"class_predictor.cls_proj.{index}")
         for index in (0, 1):
-            keymap.linear(f"panoptic_head.mask_pooling_proj.{index}", f"class_predictor.mask_pooling_proj.{index}")
+            keymap.linear(
+                f"panoptic_head.mask_pooling_proj.{index}", f"class_predictor.mask_pooling_proj.{index}"
+            )
 
     if "panoptic_head.pos_linear.weight" in segmenter:  # OMG-Seg's own visual-prompt queries
-        config.update(prompt_queries="omg_seg",
-                      prompt_query_labels=shape("panoptic_head.pb_embedding.weight")[0],
-                      prompt_mask_tokens=shape("panoptic_head.mask_tokens.weight")[0])
+        config.update(
+            prompt_queries="omg_seg",
+            prompt_query_labels=shape("panoptic_head.pb_embedding.weight")[0],
+            prompt_mask_tokens=shape("panoptic_head.mask_tokens.weight")[0],
+        )
         keymap.add("panoptic_head.pb_embedding.weight", "prompt_query.pb_embedding.weight")
         keymap.add("panoptic_head.mask_tokens.weight", "prompt_query.mask_tokens.weight")
         keymap.linear("panoptic_head.pos_linear", "prompt_query.pos_linear")
 
     state.update(keymap.apply(segmenter, source))
     left = [k for k in keys if k not in keymap.entries and not k.startswith("backbone.")]
-    unused.setdefault(source, {}).update(_reasons(left, _SEGMENTER_UNUSED, "unknown key: no counterpart in "
-                                                  "unillava's perception model"))
+    unused.setdefault(source, {}).update(
+        _reasons(left, _SEGMENTER_UNUSED, "unknown key: no counterpart in unillava's perception model")
+    )
     return config, state, {k: v for k, v in unused.items() if v}
 
 
@@ -326,7 +370,9 @@ def read_class_embeddings(path: str | Path) -> Tensor:
         tensors = [v for v in loaded.values() if isinstance(v, Tensor)]
         loaded = tensors[0] if len(tensors) == 1 else None
     if not isinstance(loaded, Tensor):
-        raise CheckpointError(f"{path}: expected one (classes, [prototypes,] dim) tensor of class text embeddings")
+        raise CheckpointError(
+            f"{path}: expected one (classes, [prototypes,] dim) tensor of class text embeddings"
+        )
     return loaded.float()
 
 
@@ -359,12 +405,16 @@ def split_wqkv(packed: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tenso
     head_dim = packed.shape[0] // (num_kv_heads * (groups + 2))
     rest = tuple(packed.shape[1:])
     blocks = packed.reshape(num_kv_heads, groups + 2, head_dim, *rest)
-    return (blocks[:, :groups].reshape(num_heads * head_dim, *rest),
-            blocks[:, -2].reshape(num_kv_heads * head_dim, *rest),
-            blocks[:, -1].reshape(num_kv_heads * head_dim, *rest))
+    return (
+        blocks[:, :groups].reshape(num_heads * head_dim, *rest),
+        blocks[:, -2].reshape(num_kv_heads * head_dim, *rest),
+        blocks[:, -1].reshape(num_kv_heads * head_dim, *rest),
+    )
 
 
-def merge_lora(weights: dict[str, Tensor], lora: Mapping[str, Tensor], alpha: float, source: str) -> list[str]:
+def merge_lora(
+    weights: dict[str, Tensor], lora: Mapping[str, Tensor], alpha: float, source: str
+) -> list[str]:
     """Add peft LoRA deltas (alpha / r) * B @ A into `weights` (InternLM2 names, in place); the rank is
     read off the shapes, alpha is not stored by peft. Returns one note per distinct rank."""
     pairs: dict[str, dict[str, Tensor]] = {}
@@ -372,8 +422,10 @@ def merge_lora(weights: dict[str, Tensor], lora: Mapping[str, Tensor], alpha: fl
     for key, tensor in lora.items():
         match = _LORA.match(key)
         if match is None:
-            raise CheckpointError(f"{source}: {key}: a LoRA tensor other than lora_A / lora_B (DoRA, embedding "
-                                  "LoRA) cannot be merged")
+            raise CheckpointError(
+                f"{source}: {key}: a LoRA tensor other than lora_A / lora_B (DoRA, embedding "
+                "LoRA) cannot be merged"
+            )
         adapters.add(match.group("adapter"))
         pairs.setdefault(match.group("module"), {})[match.group("part")] = tensor
     if len(adapters) > 1:
@@ -390,8 +442,10 @@ def merge_lora(weights: dict[str, Tensor], lora: Mapping[str, Tensor], alpha: fl
         ranks.add(rank)
         base = weights[target]
         weights[target] = (base.float() + (alpha / rank) * (up @ down)).to(base.dtype)
-    return [f"LoRA merged into {len(pairs)} module(s): r={r}, alpha={alpha:g}, scale {alpha / r:g}"
-            for r in sorted(ranks)]
+    return [
+        f"LoRA merged into {len(pairs)} module(s): r={r}, alpha={alpha:g}, scale {alpha / r:g}"
+        for r in sorted(ranks)
+    ]
 
 
 def llama_config(internlm2: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -440,7 +494,9 @@ def internlm2_keymap(config: Mapping[str, Any]) -> KeyMap:
         src, dst = f"model.layers.{i}.", f"model.layers.{i}."
         names = ("weight", "bias") if config.get("bias") else ("weight",)
         for name in names:
-            keymap.add(f"{src}attention.wqkv.{name}", tuple(f"{dst}self_attn.{p}_proj.{name}" for p in "qkv"), qkv)
+            keymap.add(
+                f"{src}attention.wqkv.{name}", tuple(f"{dst}self_attn.{p}_proj.{name}" for p in "qkv"), qkv
+            )
         for old, new in _INTERNLM2_LAYER.items():
             kinds = names if old == "attention.wo" else ("weight",)
             for name in kinds:
@@ -456,9 +512,12 @@ def read_llm_config(path: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{config_file}: cannot read ({err})") from None
-    if config.get("model_type") != "internlm2" and "InternLM2ForCausalLM" not in (config.get("architectures") or []):
-        raise CheckpointError(f"{config_file}: model_type {config.get('model_type')!r} is not InternLM2 "
-                              "(OMG-LLaVA's LLM)")
+    if config.get("model_type") != "internlm2" and "InternLM2ForCausalLM" not in (
+        config.get("architectures") or []
+    ):
+        raise CheckpointError(
+            f"{config_file}: model_type {config.get('model_type')!r} is not InternLM2 (OMG-LLaVA's LLM)"
+        )
     return config
 
 
@@ -485,8 +544,9 @@ def internlm2_tokenizer(path: str | Path) -> Any:
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
     unk = processor.id_to_piece(processor.unk_id()) if processor.unk_id() >= 0 else None
-    backend = Tokenizer(BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
-                            byte_fallback=True))
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     dummy_prefix = processor.encode("a", out_type=str)[0].startswith("▁")
     rules = [normalizers.Replace(" ", "▁")]
     backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if dummy_prefix else []) + rules)
@@ -509,8 +569,11 @@ def internlm2_tokenizer(path: str | Path) -> Any:
         add_bos_token=bool(settings.get("add_bos_token", True)),
         add_eos_token=bool(settings.get("add_eos_token", False)),
     )
-    added = [AddedToken(processor.id_to_piece(i), special=True, normalized=False)
-             for i in range(processor.get_piece_size()) if processor.is_control(i) or processor.is_unknown(i)]
+    added = [
+        AddedToken(processor.id_to_piece(i), special=True, normalized=False)
+        for i in range(processor.get_piece_size())
+        if processor.is_control(i) or processor.is_unknown(i)
+    ]
     for entry in (settings.get("added_tokens_decoder") or {}).values():
         added.append(AddedToken(entry["content"], special=bool(entry.get("special", True)), normalized=False))
     tokenizer.add_tokens([t for t in added if t.special], special_tokens=True)
@@ -519,7 +582,9 @@ def internlm2_tokenizer(path: str | Path) -> Any:
     for sample in ("Hello world", " Please segment the cat.", "two  spaces\nand a line", "数字 123 é 🙂"):
         ours = tokenizer(sample, add_special_tokens=False)["input_ids"]
         if ours != processor.encode(sample):
-            raise CheckpointError(f"{model_file}: the converted tokenizer disagrees with sentencepiece on {sample!r}")
+            raise CheckpointError(
+                f"{model_file}: the converted tokenizer disagrees with sentencepiece on {sample!r}"
+            )
     return tokenizer
 
 
@@ -548,8 +613,11 @@ def convert_llm(
     notes = merge_lora(weights, lora, lora_alpha, pth_source) if lora else []
     left = sorted(k for k in weights if k not in keymap.entries)
     if left:
-        unused[str(llm_dir)] = _reasons(left, ((r".*rotary_emb\.inv_freq$", "recomputed from the config"),),
-                                        "unknown key: no counterpart in LlamaForCausalLM")
+        unused[str(llm_dir)] = _reasons(
+            left,
+            ((r".*rotary_emb\.inv_freq$", "recomputed from the config"),),
+            "unknown key: no counterpart in LlamaForCausalLM",
+        )
     state = keymap.apply(weights, source)
 
     tokenizer = internlm2_tokenizer(llm_dir)
@@ -557,8 +625,10 @@ def convert_llm(
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in RELEASED_TOKENS])
     rows = state["model.embed_tokens.weight"].shape[0]
     if rows not in (base, len(tokenizer)) or state["lm_head.weight"].shape[0] != rows:
-        raise CheckpointError(f"{pth_source}: {rows} embedding rows, but the tokenizer has {base} tokens and "
-                              f"{len(tokenizer)} with OMG-LLaVA's {', '.join(RELEASED_TOKENS)}")
+        raise CheckpointError(
+            f"{pth_source}: {rows} embedding rows, but the tokenizer has {base} tokens and "
+            f"{len(tokenizer)} with OMG-LLaVA's {', '.join(RELEASED_TOKENS)}"
+        )
     if rows == base:
         notes.append(f"no trained rows for {', '.join(RELEASED_TOKENS)}: initialised to the mean row")
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in LATE_TOKENS])
@@ -582,9 +652,12 @@ XTUNER_PREFIXES: tuple[tuple[str, str], ...] = (
 XTUNER_SEPARATOR = "projector.model.seperate_embed.weight"
 _PTH_UNSUPPORTED = r"^projector\.model\.(query_cross_attn|query_ffn)\."
 _PTH_UNUSED = (
-    (r"^projector\.model\.visual_prompt_query_", "a separate projector copy for visual prompts "
-     "(visual_prompt_proj=True): unillava's <region>/<mark> tokens use the object-token path (query_projection, "
-     "object_mlp), as the released default (visual_prompt_proj=False) does"),
+    (
+        r"^projector\.model\.visual_prompt_query_",
+        "a separate projector copy for visual prompts "
+        "(visual_prompt_proj=True): unillava's <region>/<mark> tokens use the object-token path (query_projection, "
+        "object_mlp), as the released default (visual_prompt_proj=False) does",
+    ),
     (r"^visual_encoder\.", "a segmenter part unillava's OMG tower does not have"),
 )
 
@@ -637,7 +710,9 @@ class XTunerConversion:
             for key, why in keys.items():
                 by_reason.setdefault(why, []).append(key)
             for why, names in by_reason.items():
-                lines.append(f"  not loaded from {source}: {len(names)} key(s) [{key_list(sorted(names), 3)}]: {why}")
+                lines.append(
+                    f"  not loaded from {source}: {len(names)} key(s) [{key_list(sorted(names), 3)}]: {why}"
+                )
         return "\n".join(lines)
 
 
@@ -665,31 +740,43 @@ def convert_xtuner_checkpoint(
     """
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise CheckpointError(f"{out}: exists and is not an empty directory (allow it with --overwrite / overwrite=True)")
+        raise CheckpointError(
+            f"{out}: exists and is not an empty directory (allow it with --overwrite / overwrite=True)"
+        )
     pth_source = str(pth_path)
     released = read_state_dict(pth_path)
     seg_source = str(segmenter)
     embeddings = read_class_embeddings(class_embeddings) if class_embeddings is not None else None
     backbone_state = read_state_dict(backbone) if backbone is not None else None
     perception_config, perception_state, unused = convert_segmenter(
-        read_state_dict(segmenter), seg_source, embeddings, backbone_state, str(backbone))
+        read_state_dict(segmenter), seg_source, embeddings, backbone_state, str(backbone)
+    )
 
     groups: dict[str, dict[str, Tensor]] = {"llm": {}, "projector": {}, "seg_decoder": {}, "other": {}}
     for key, tensor in released.items():
         if re.match(_PTH_UNSUPPORTED, key):
-            raise CheckpointError(f"{pth_source}: {key}: the cross-attention projector variant "
-                                  "(add_cross_attn_layer=True) changes the object tokens and is not supported")
+            raise CheckpointError(
+                f"{pth_source}: {key}: the cross-attention projector variant "
+                "(add_cross_attn_layer=True) changes the object tokens and is not supported"
+            )
         if key.startswith("llm."):
             groups["llm"][key] = tensor
-        elif key.startswith(("projector.", "projector_text2vision.")) and not re.match(_PTH_UNUSED[0][0], key):
+        elif key.startswith(("projector.", "projector_text2vision.")) and not re.match(
+            _PTH_UNUSED[0][0], key
+        ):
             groups["projector"][key] = tensor
-        elif key.startswith(("visual_encoder.panoptic_head.transformer_decoder_llm.",
-                             "visual_encoder.panoptic_head.mask_embed_llm.")):
+        elif key.startswith(
+            (
+                "visual_encoder.panoptic_head.transformer_decoder_llm.",
+                "visual_encoder.panoptic_head.mask_embed_llm.",
+            )
+        ):
             groups["seg_decoder"][key] = tensor
         else:
             groups["other"][key] = tensor
-    llm_config, llm_state, tokenizer, notes, llm_unused = convert_llm(Path(llm), groups["llm"], pth_source,
-                                                                    lora_alpha)
+    llm_config, llm_state, tokenizer, notes, llm_unused = convert_llm(
+        Path(llm), groups["llm"], pth_source, lora_alpha
+    )
     state = {f"language_model.{k}": v for k, v in llm_state.items()}
     state.update({f"vision_tower.perception.{k}": v for k, v in perception_state.items()})
     keymap = projector_keymap()
@@ -698,22 +785,34 @@ def convert_xtuner_checkpoint(
     extra: dict[str, Any] = {"use_prior": True, "object_tokens": True}
     if groups["seg_decoder"]:  # the paper's trainable [SEG] decoder copy (require_omg_decoder=True)
         decoder_map = KeyMap()
-        add_decoder_keys(decoder_map, "visual_encoder.panoptic_head.transformer_decoder_llm.",
-                         "visual_encoder.panoptic_head.mask_embed_llm.", "vision_tower.seg_decoder.",
-                         perception_config["decoder_layers"] - 1)
+        add_decoder_keys(
+            decoder_map,
+            "visual_encoder.panoptic_head.transformer_decoder_llm.",
+            "visual_encoder.panoptic_head.mask_embed_llm.",
+            "vision_tower.seg_decoder.",
+            perception_config["decoder_layers"] - 1,
+        )
         state.update(decoder_map.apply(groups["seg_decoder"], pth_source))
         extra["seg_decoder"] = "trainable"
         left += [k for k in groups["seg_decoder"] if k not in decoder_map.entries]
     left += list(groups["other"])
     for source, keys in llm_unused.items():
         unused.setdefault(source, {}).update(keys)
-    unused.setdefault(pth_source, {}).update(_reasons(sorted(left), _PTH_UNUSED, "unknown key: no counterpart "
-                                                      "in unillava's OMG-LLaVA"))
+    unused.setdefault(pth_source, {}).update(
+        _reasons(sorted(left), _PTH_UNUSED, "unknown key: no counterpart in unillava's OMG-LLaVA")
+    )
     unused = {k: v for k, v in unused.items() if v}
 
     config = ModelConfig(
-        vision=VisionConfig(type="omg", hf_config=perception_config, image_size=image_size, image_mode="pad",
-                            image_mean=list(OMG_IMAGE_MEAN), image_std=list(OMG_IMAGE_STD), extra=extra),
+        vision=VisionConfig(
+            type="omg",
+            hf_config=perception_config,
+            image_size=image_size,
+            image_mode="pad",
+            image_mean=list(OMG_IMAGE_MEAN),
+            image_std=list(OMG_IMAGE_STD),
+            extra=extra,
+        ),
         projector=ProjectorConfig(type="mlp2x_gelu"),
         llm=LLMConfig(pretrained=None),
         template="auto",

@@ -300,7 +300,9 @@ def load_original_llava(
         vision=vision,
         projector=ProjectorConfig(type=str(config.get("mm_projector_type", "linear"))),
         llm=LLMConfig(pretrained=None, hf_config=None, tokenizer=None),
-        template=pick_template(tokenizer, source=str(path), documented=True),  # LLaVA-1.5's conv_mode vicuna_v1
+        template=pick_template(
+            tokenizer, source=str(path), documented=True
+        ),  # LLaVA-1.5's conv_mode vicuna_v1
         image_token="<image>",
         max_length=int(
             config.get("tokenizer_model_max_length") or llm_hf.get("max_position_embeddings") or 2048

@@ -45,7 +45,9 @@ class PadGeometry:
         """An (height, width) mask -> (size, size) float in the input frame (area-resampled, 0..1)."""
         ox, oy = self.offset
         square = torch.zeros(1, 1, self.side, self.side)
-        square[0, 0, oy : oy + self.height, ox : ox + self.width] = torch.from_numpy(np.asarray(mask, dtype=np.float32))
+        square[0, 0, oy : oy + self.height, ox : ox + self.width] = torch.from_numpy(
+            np.asarray(mask, dtype=np.float32)
+        )
         if self.side == self.size:
             return square[0, 0]
         mode = "area" if self.side > self.size else "nearest"

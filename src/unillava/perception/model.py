@@ -209,7 +209,9 @@ class PerceptionModel(nn.Module):
     def from_pretrained(cls, path: str | Path) -> PerceptionModel:
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path}: not a perception model directory (needs {CONFIG_NAME}, {WEIGHTS_NAME})")
+            raise CheckpointError(
+                f"{path}: not a perception model directory (needs {CONFIG_NAME}, {WEIGHTS_NAME})"
+            )
         model = cls(json.loads((path / CONFIG_NAME).read_text()))
         missing, unexpected = model.load_state_dict(load_file(path / WEIGHTS_NAME), strict=False)
         if missing or unexpected:
@@ -234,11 +236,17 @@ class PerceptionModel(nn.Module):
         for level in range(module.num_feature_levels):
             x = pixel.decoder_hidden_states[level]
             sizes.append((int(x.shape[-2]), int(x.shape[-1])))
-            positions.append(module.position_embedder(x.shape, x.device, x.dtype, None).flatten(2).permute(2, 0, 1))
-            projected = module.input_projections[level](x).flatten(2) + module.level_embed.weight[level][None, :, None]
+            positions.append(
+                module.position_embedder(x.shape, x.device, x.dtype, None).flatten(2).permute(2, 0, 1)
+            )
+            projected = (
+                module.input_projections[level](x).flatten(2)
+                + module.level_embed.weight[level][None, :, None]
+            )
             features.append(projected.permute(2, 0, 1))
-        return PerceptionMemory(features, positions, sizes, pixel.decoder_last_hidden_state,
-                                pixel.encoder_last_hidden_state)
+        return PerceptionMemory(
+            features, positions, sizes, pixel.decoder_last_hidden_state, pixel.encoder_last_hidden_state
+        )
 
     def _masks(self, normed: torch.Tensor, mask_features: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
         embeddings = decoder.mask_predictor.mask_embedder(normed.transpose(0, 1))
@@ -293,11 +301,20 @@ class PerceptionModel(nn.Module):
         for index, layer in enumerate(decoder.layers):
             level = index % levels
             attention = self._attention_mask(masks[-1], memory.sizes[level], region, region_rule)
-            hidden = layer(hidden, level, None, memory.positions, query_pos, memory.features,
-                           encoder_attention_mask=attention)[0]
+            hidden = layer(
+                hidden,
+                level,
+                None,
+                memory.positions,
+                query_pos,
+                memory.features,
+                encoder_attention_mask=attention,
+            )[0]
             normed = decoder.layernorm(hidden)
             masks.append(self._masks(normed, memory.mask_features, decoder))
-            classes.append(classify(self.class_predictor, normed.transpose(0, 1), masks[-1], memory.mask_features))
+            classes.append(
+                classify(self.class_predictor, normed.transpose(0, 1), masks[-1], memory.mask_features)
+            )
         return DecodeOutput(classes, masks, handed_on(self.config, hidden, normed).transpose(0, 1))
 
     def forward(self, pixel_values: torch.Tensor, memory: PerceptionMemory | None = None) -> PerceptionOutput:
@@ -317,10 +334,17 @@ class PerceptionModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Weighted Hungarian-matched losses (class CE, mask BCE, Dice) on the last and every earlier
         layer; `mask_labels[i]` is (n_i, H, W) float in the input image's frame, `class_labels[i]` (n_i,)."""
-        aux = [{"masks_queries_logits": m, "class_queries_logits": c}
-               for m, c in zip(output.mask_logits[:-1], output.class_logits[:-1], strict=True)]
-        losses = self.criterion(output.mask_logits[-1], output.class_logits[-1], mask_labels, class_labels,
-                                auxiliary_predictions=aux if self.config.use_auxiliary_loss else None)
+        aux = [
+            {"masks_queries_logits": m, "class_queries_logits": c}
+            for m, c in zip(output.mask_logits[:-1], output.class_logits[:-1], strict=True)
+        ]
+        losses = self.criterion(
+            output.mask_logits[-1],
+            output.class_logits[-1],
+            mask_labels,
+            class_labels,
+            auxiliary_predictions=aux if self.config.use_auxiliary_loss else None,
+        )
         weighted = {}
         for key, value in losses.items():
             weight = next(w for name, w in self.weight_dict.items() if key.startswith(name))

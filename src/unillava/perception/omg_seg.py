@@ -40,7 +40,9 @@ def mask_pool(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor
     """Mean of `features` (B, C, h, w) over each mask's positive pixels -> (B, K, C); masks (B, K, H, W)
     are resized to the features first, as OMG-Seg does, and an empty mask pools to zeros."""
     if mask_logits.shape[-2:] != features.shape[-2:]:
-        mask_logits = F.interpolate(mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False)
+        mask_logits = F.interpolate(
+            mask_logits, size=features.shape[-2:], mode="bilinear", align_corners=False
+        )
     mask = (mask_logits.detach() > 0).to(features.dtype)
     mask = mask / (mask.sum(dim=(-1, -2), keepdim=True) + 1e-8)
     return torch.einsum("bchw,bkhw->bkc", features, mask)
@@ -53,19 +55,29 @@ class OpenVocabClassHead(nn.Module):
     names and a zero background row; a class scores the best of its prototypes (prompt templates).
     """
 
-    def __init__(self, hidden_dim: int, embed_dim: int, num_labels: int, prototypes: int = 1,
-                 logit_scale: float = OMG_SEG_LOGIT_SCALE):
+    def __init__(
+        self,
+        hidden_dim: int,
+        embed_dim: int,
+        num_labels: int,
+        prototypes: int = 1,
+        logit_scale: float = OMG_SEG_LOGIT_SCALE,
+    ):
         super().__init__()
         self.mask_pooling_proj = nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, hidden_dim))
         self.cls_proj = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
             nn.Linear(hidden_dim, embed_dim),
         )
         self.register_buffer("text_embeddings", torch.zeros(num_labels + 1, prototypes, embed_dim))
         self.logit_scale = float(logit_scale)
 
-    def forward(self, queries: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor
+    ) -> torch.Tensor:
         pooled = self.mask_pooling_proj(mask_pool(mask_features, mask_logits))
         embedding = F.normalize(self.cls_proj(pooled + queries), dim=-1)
         similarity = torch.einsum("bkc,npc->bknp", embedding, self.text_embeddings.to(embedding.dtype))
@@ -78,14 +90,19 @@ def build_class_head(config: Any) -> nn.Module:
     if kind == "linear":
         return nn.Linear(config.hidden_dim, config.num_labels + 1)
     if kind == "open_vocab":
-        return OpenVocabClassHead(config.hidden_dim, int(config.class_embed_dim), config.num_labels,
-                                  int(getattr(config, "class_prototypes", 1)),
-                                  float(getattr(config, "class_logit_scale", OMG_SEG_LOGIT_SCALE)))
+        return OpenVocabClassHead(
+            config.hidden_dim,
+            int(config.class_embed_dim),
+            config.num_labels,
+            int(getattr(config, "class_prototypes", 1)),
+            float(getattr(config, "class_logit_scale", OMG_SEG_LOGIT_SCALE)),
+        )
     raise ValueError(f"perception config: class_head {kind!r} is not 'linear' or 'open_vocab'")
 
 
-def classify(head: nn.Module, queries: torch.Tensor, mask_logits: torch.Tensor,
-             mask_features: torch.Tensor) -> torch.Tensor:
+def classify(
+    head: nn.Module, queries: torch.Tensor, mask_logits: torch.Tensor, mask_features: torch.Tensor
+) -> torch.Tensor:
     """Class logits for normalised queries (B, K, D) whose masks are `mask_logits` (B, K, h, w)."""
     if isinstance(head, OpenVocabClassHead):
         return head(queries, mask_logits, mask_features)
@@ -100,8 +117,9 @@ PROMPT_ATTENTION = {"box": "within_region", "mask": "region_only", "point": "unr
 PROMPT_BOX_HALF_SIDE = 3  # px of the input, around the point (a box's centre, a mask's deepest point)
 
 
-def sine_encoding(coords: torch.Tensor, columns: tuple[int, ...], num_feats: int,
-                  temperature: float = 10000.0) -> torch.Tensor:
+def sine_encoding(
+    coords: torch.Tensor, columns: tuple[int, ...], num_feats: int, temperature: float = 10000.0
+) -> torch.Tensor:
     """(K, C) coordinates in [0, 1] -> (K, len(columns) * num_feats): per listed column alternating
     sin / cos at DETR's frequencies, concatenated in the listed order (mmdet's `coordinate_to_encoding`
     lists y, x, w, h)."""
@@ -123,7 +141,9 @@ class PromptQueryEmbedding(nn.Module):
         self.mask_tokens = nn.Embedding(mask_tokens, hidden_dim)
         self.pos_linear = nn.Linear(2 * hidden_dim, hidden_dim)
 
-    def forward(self, anchors: torch.Tensor, input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, anchors: torch.Tensor, input_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         height, width = input_size
         size = anchors.new_tensor([2 * PROMPT_BOX_HALF_SIDE / width, 2 * PROMPT_BOX_HALF_SIDE / height])
         # The released code passes the box through inverse_sigmoid and back: a clamp to [1e-5, 1 - 1e-5].
@@ -141,8 +161,11 @@ def build_prompt_query(config: Any) -> PromptQueryEmbedding | None:
     if kind == "mean_query":
         return None
     if kind == "omg_seg":
-        return PromptQueryEmbedding(config.hidden_dim, int(getattr(config, "prompt_query_labels", 2)),
-                                    int(getattr(config, "prompt_mask_tokens", 1)))
+        return PromptQueryEmbedding(
+            config.hidden_dim,
+            int(getattr(config, "prompt_query_labels", 2)),
+            int(getattr(config, "prompt_mask_tokens", 1)),
+        )
     raise ValueError(f"perception config: prompt_queries {kind!r} is not 'mean_query' or 'omg_seg'")
 
 
@@ -151,7 +174,9 @@ def apply_backbone_feature_norm(model: nn.Module, config: Any) -> None:
     if getattr(config, "backbone_feature_norm", True):
         return
     backbone = model.pixel_level_module.encoder
-    backbone.hidden_states_norms = nn.ModuleDict({name: nn.Identity() for name in backbone.hidden_states_norms})
+    backbone.hidden_states_norms = nn.ModuleDict(
+        {name: nn.Identity() for name in backbone.hidden_states_norms}
+    )
 
 
 def handed_on(config: Any, hidden: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,9 @@ def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int)
     elif kind == "mask":
         mask = _mask_array(prompt["mask"])
         if mask.shape != (height, width):
-            raise DataError(f"a mask prompt must be {height}x{width} (the image), got {mask.shape[0]}x{mask.shape[1]}")
+            raise DataError(
+                f"a mask prompt must be {height}x{width} (the image), got {mask.shape[0]}x{mask.shape[1]}"
+            )
         region = geometry.mask_to_input(mask) > 0.5
         if not region.any():
             region = geometry.mask_to_input(mask) > 0
@@ -117,8 +119,9 @@ def prompt_region(prompt: Mapping[str, Any], width: int, height: int, size: int)
         anchor = ((x + 0.5) / size, (y + 0.5) / size)
     else:
         raise DataError(f"visual prompt type must be box, point or mask, got {kind!r}")
-    return PromptRegion(region, (float(anchor[0]), float(anchor[1])), int(prompt.get("image_index", 0) or 0),
-                        str(kind))
+    return PromptRegion(
+        region, (float(anchor[0]), float(anchor[1])), int(prompt.get("image_index", 0) or 0), str(kind)
+    )
 
 
 def prompt_regions(
@@ -130,7 +133,9 @@ def prompt_regions(
     for i, prompt in enumerate(prompts):
         index = int(prompt.get("image_index", 0) or 0)
         if not 0 <= index < len(image_sizes):
-            raise DataError(f"visual_prompts[{i}] marks image {index} but there are {len(image_sizes)} image(s)")
+            raise DataError(
+                f"visual_prompts[{i}] marks image {index} but there are {len(image_sizes)} image(s)"
+            )
         width, height = image_sizes[index]
         try:
             regions.append(prompt_region(prompt, width, height, size))
@@ -147,7 +152,9 @@ def mask_targets(rles: Sequence[Mapping[str, Any]], width: int, height: int, siz
     for i, rle in enumerate(rles):
         mask = decode_mask(rle)
         if mask.shape != (height, width):
-            raise DataError(f"masks[{i}] is {mask.shape[0]}x{mask.shape[1]} but the image is {height}x{width}")
+            raise DataError(
+                f"masks[{i}] is {mask.shape[0]}x{mask.shape[1]} but the image is {height}x{width}"
+            )
         targets.append(geometry.mask_to_input(mask))
     return torch.stack(targets) if targets else torch.zeros(0, size, size)
 
@@ -157,7 +164,9 @@ def sine_position(anchors: torch.Tensor, dim: int, temperature: float = 10000.0)
     return sine_encoding(anchors, (1, 0), dim // 2, temperature)
 
 
-def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: list[PromptRegion]) -> torch.Tensor:
+def encode_prompts(
+    model: PerceptionModel, memory: PerceptionMemory, prompts: list[PromptRegion]
+) -> torch.Tensor:
     """The final query embedding (K, 2D) of each prompt on one image's memory (batch 1): independent
     queries (one per batch row). By default each starts from the mean learned query content at a sine
     position of its anchor and is restricted to its region; a segmenter with OMG-Seg's prompt-query
@@ -176,7 +185,9 @@ def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: li
         return torch.cat([out.queries[:, 0], position], dim=-1)
     unknown = sorted({p.kind for p in prompts} - set(PROMPT_ATTENTION))
     if unknown:
-        raise ValueError(f"prompt kind(s) {unknown}: OMG-Seg's prompt queries know {sorted(PROMPT_ATTENTION)}")
+        raise ValueError(
+            f"prompt kind(s) {unknown}: OMG-Seg's prompt queries know {sorted(PROMPT_ATTENTION)}"
+        )
     content, position = model.prompt_query(anchors, tuple(prompts[0].region.shape[-2:]))
     content, position = content.to(dtype), position.to(dtype)
     queries = content.new_zeros(k, model.hidden_dim)
@@ -185,7 +196,12 @@ def encode_prompts(model: PerceptionModel, memory: PerceptionMemory, prompts: li
         if not rows:
             continue
         index = torch.tensor(rows, device=device)
-        out = model.decode(memory.select(0, repeat=len(rows)), content[index, None], position[index, None],
-                           region=regions[index], region_rule=rule)
+        out = model.decode(
+            memory.select(0, repeat=len(rows)),
+            content[index, None],
+            position[index, None],
+            region=regions[index],
+            region_rule=rule,
+        )
         queries[index] = out.queries[:, 0]
     return torch.cat([queries, position], dim=-1)

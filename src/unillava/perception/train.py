@@ -50,7 +50,9 @@ def load_instances(root: str | Path, split: str) -> tuple[list[InstanceSample], 
     for ann in data["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     samples = [
-        InstanceSample(root / im["file_name"], im["width"], im["height"], im["id"], by_image.get(im["id"], []))
+        InstanceSample(
+            root / im["file_name"], im["width"], im["height"], im["id"], by_image.get(im["id"], [])
+        )
         for im in data["images"]
     ]
     return samples, sorted(c["id"] for c in data["categories"])
@@ -100,11 +102,14 @@ def train_segmenter(
     if not samples:
         raise DataError(f"{root}: split {split!r} has no annotated image")
     if len(category_ids) != model.config.num_labels:
-        raise DataError(f"{len(category_ids)} categories in the data but the segmenter has {model.config.num_labels}")
+        raise DataError(
+            f"{len(category_ids)} categories in the data but the segmenter has {model.config.num_labels}"
+        )
     rng = random.Random(seed)
     cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
     model.train()
     device = next(model.parameters()).device
     losses = []
@@ -136,7 +141,12 @@ def train_segmenter(
 
 @torch.no_grad()
 def evaluate_segmenter(
-    model: PerceptionModel, root: str | Path, *, image_size: int, split: str = "test", top_k: int | None = None
+    model: PerceptionModel,
+    root: str | Path,
+    *,
+    image_size: int,
+    split: str = "test",
+    top_k: int | None = None,
 ) -> dict[str, float]:
     """COCO mask AP / AP50 / AP75 of the segmenter's instance predictions (pycocotools' COCOeval), and
     `best_query_iou`: per ground-truth instance the IoU of the best-matching query's mask, averaged. The
@@ -166,8 +176,14 @@ def evaluate_segmenter(
         for q in scores.argsort(descending=True)[: top_k or len(scores)].tolist():
             rle = mask_utils.encode(np.asfortranarray(masks[q].cpu().numpy().astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": sample.image_id, "category_id": category_ids[int(labels[q])],
-                            "segmentation": rle, "score": float(scores[q])})
+            results.append(
+                {
+                    "image_id": sample.image_id,
+                    "category_id": category_ids[int(labels[q])],
+                    "segmentation": rle,
+                    "score": float(scores[q]),
+                }
+            )
     best_query_iou = float(np.mean(best_ious)) if best_ious else 0.0
     if not results:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "best_query_iou": best_query_iou}
@@ -179,4 +195,9 @@ def evaluate_segmenter(
         evaluator.accumulate()
         evaluator.summarize()
     stats = evaluator.stats
-    return {"AP": float(stats[0]), "AP50": float(stats[1]), "AP75": float(stats[2]), "best_query_iou": best_query_iou}
+    return {
+        "AP": float(stats[0]),
+        "AP50": float(stats[1]),
+        "AP75": float(stats[2]),
+        "best_query_iou": best_query_iou,
+    }

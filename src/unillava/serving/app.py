@@ -114,8 +114,11 @@ class _JobStream(StreamingResponse):
     first chunk (an async generator that never started never runs its `finally`)."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -171,19 +174,25 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(str(err), "invalid_request_error", None, "invalid_value"), status_code=400)
+        return JSONResponse(
+            error_body(str(err), "invalid_request_error", None, "invalid_value"), status_code=400
+        )
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500)
+        return JSONResponse(
+            error_body(f"internal error: {type(err).__name__}", "server_error"), status_code=500
+        )
 
     def check_key(request: Request) -> None:
         if config.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "no API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+            raise APIError(
+                401, "no API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
         if not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
@@ -216,12 +225,16 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         check_key(request)
         if model_id != config.model_name:
-            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+            raise APIError(
+                404, f"the model '{model_id}' does not exist", param="model", code="model_not_found"
+            )
         return model_card()
 
     async def read_body(request: Request) -> bytes:
         limit = config.max_body_bytes
-        too_large = APIError(413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large")
+        too_large = APIError(
+            413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
+        )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
             raise too_large
@@ -238,46 +251,76 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
 
         limit = config.max_body_bytes
         try:
-            async with httpx.AsyncClient(timeout=config.remote_image_timeout, follow_redirects=True) as client:
+            async with httpx.AsyncClient(
+                timeout=config.remote_image_timeout, follow_redirects=True
+            ) as client:
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
                         raise APIError(
-                            400, f"{where}: fetching the image gave HTTP {response.status_code}", param=where,
+                            400,
+                            f"{where}: fetching the image gave HTTP {response.status_code}",
+                            param=where,
                             code="image_fetch_failed",
                         )
                     data = bytearray()
                     async for chunk in response.aiter_bytes():
                         data += chunk
                         if len(data) > limit:
-                            raise APIError(400, f"{where}: the image is over {limit} bytes", param=where, code="image_too_large")
+                            raise APIError(
+                                400,
+                                f"{where}: the image is over {limit} bytes",
+                                param=where,
+                                code="image_too_large",
+                            )
                     return bytes(data)
         except httpx.HTTPError as err:
-            raise APIError(400, f"{where}: could not fetch the image ({type(err).__name__})", param=where,
-                           code="image_fetch_failed") from None
+            raise APIError(
+                400,
+                f"{where}: could not fetch the image ({type(err).__name__})",
+                param=where,
+                code="image_fetch_failed",
+            ) from None
 
     async def image_bytes(url: str, where: str) -> bytes:
         if url.startswith("data:"):
             header, sep, payload = url.partition(",")
             fields = [f.strip().lower() for f in header[5:].split(";")]
             if not sep or "base64" not in fields[1:]:
-                raise APIError(400, f"{where}: a data URL must be 'data:image/...;base64,...'", param=where,
-                               code="invalid_image_url")
+                raise APIError(
+                    400,
+                    f"{where}: a data URL must be 'data:image/...;base64,...'",
+                    param=where,
+                    code="invalid_image_url",
+                )
             if fields[0] and not fields[0].startswith("image/"):
-                raise APIError(400, f"{where}: the data URL's media type is {fields[0]!r}, not an image", param=where,
-                               code="invalid_image")
+                raise APIError(
+                    400,
+                    f"{where}: the data URL's media type is {fields[0]!r}, not an image",
+                    param=where,
+                    code="invalid_image",
+                )
             try:
                 return base64.b64decode("".join(payload.split()), validate=True)
             except (binascii.Error, ValueError):
-                raise APIError(400, f"{where}: the data URL is not valid base64", param=where, code="invalid_image_url") from None
+                raise APIError(
+                    400, f"{where}: the data URL is not valid base64", param=where, code="invalid_image_url"
+                ) from None
         if url.startswith(("http://", "https://")):
             if not config.allow_remote_images:
                 raise APIError(
-                    400, f"{where}: remote image URLs are disabled on this server (start it with --allow-remote-images),"
-                    " send the image as a base64 data URL instead", param=where, code="remote_images_disabled",
+                    400,
+                    f"{where}: remote image URLs are disabled on this server (start it with --allow-remote-images),"
+                    " send the image as a base64 data URL instead",
+                    param=where,
+                    code="remote_images_disabled",
                 )
             return await fetch_remote(url, where)
-        raise APIError(400, f"{where}: the image URL must be a base64 data URL or http(s)", param=where,
-                       code="invalid_image_url")
+        raise APIError(
+            400,
+            f"{where}: the image URL must be a base64 data URL or http(s)",
+            param=where,
+            code="invalid_image_url",
+        )
 
     def decode_image(data: bytes, where: str) -> Image.Image:
         limit = config.max_image_pixels
@@ -286,13 +329,21 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             with Image.open(io.BytesIO(data)) as probe:
                 width, height = probe.size
         except Image.DecompressionBombError:
-            raise APIError(400, f"{where}: the image is far over this server's limit of {limit} pixels",
-                           param=where, code="image_too_large") from None
+            raise APIError(
+                400,
+                f"{where}: the image is far over this server's limit of {limit} pixels",
+                param=where,
+                code="image_too_large",
+            ) from None
         except Exception:  # unreadable: load_image below names the problem
             width = height = 0
         if width * height > limit:
-            raise APIError(400, too_large.format(where=where, w=width, h=height, n=width * height, limit=limit),
-                           param=where, code="image_too_large")
+            raise APIError(
+                400,
+                too_large.format(where=where, w=width, h=height, n=width * height, limit=limit),
+                param=where,
+                code="image_too_large",
+            )
         try:
             return load_image(data, name=where, max_pixels=limit)
         except DataError as err:
@@ -303,17 +354,30 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
         for i, message in enumerate(req.messages):
             where = f"messages[{i}].content"
             if message.content is None and message.role != "assistant":
-                raise APIError(400, f"{where} is required for a {message.role} message", param=where, code="invalid_value")
+                raise APIError(
+                    400,
+                    f"{where} is required for a {message.role} message",
+                    param=where,
+                    code="invalid_value",
+                )
             for j, part in enumerate(message.content if isinstance(message.content, list) else []):
                 field, other = ("text", part.image_url) if part.type == "text" else ("image_url", part.text)
                 if getattr(part, field) is None or other is not None:
-                    raise APIError(400, f"{where}[{j}]: a {part.type!r} part carries exactly the field {field!r}",
-                                   param=f"{where}[{j}]", code="invalid_value")
+                    raise APIError(
+                        400,
+                        f"{where}[{j}]: a {part.type!r} part carries exactly the field {field!r}",
+                        param=f"{where}[{j}]",
+                        code="invalid_value",
+                    )
                 if part.image_url is not None:
                     refs.append((part.image_url.url, f"{where}[{j}].image_url"))
         if len(refs) > config.max_images:
-            raise APIError(400, f"the request has {len(refs)} images, over this server's limit of {config.max_images}",
-                           param="messages", code="too_many_images")
+            raise APIError(
+                400,
+                f"the request has {len(refs)} images, over this server's limit of {config.max_images}",
+                param="messages",
+                code="too_many_images",
+            )
         images = []
         for url, where in refs:
             data = await image_bytes(url, where)
@@ -324,16 +388,22 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             content: Any = message.content if message.content is not None else ""
             if isinstance(content, list):
                 content = [
-                    {"type": "text", "text": p.text} if p.type == "text" else {"type": "image", "image": next(pending)}
+                    {"type": "text", "text": p.text}
+                    if p.type == "text"
+                    else {"type": "image", "image": next(pending)}
                     for p in content
                 ]
-            plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+            plain.append(
+                {"role": "system" if message.role == "developer" else message.role, "content": content}
+            )
         try:
             conversation, _ = messages_from_openai(plain)
         except UnillavaError as err:
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         if conversation[-1].role != "user":
-            raise APIError(400, "the last message must be from the user", param="messages", code="invalid_value")
+            raise APIError(
+                400, "the last message must be from the user", param="messages", code="invalid_value"
+            )
         return conversation, images
 
     def encode(conversation: list[Message], images: list[Image.Image]) -> tuple[Encoded, list[Any]]:
@@ -353,13 +423,21 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
         return encoded, pixels
 
     def busy() -> APIError:
-        return APIError(429, "the server is busy: its request queue is full, retry later", type="rate_limit_error",
-                        code="queue_full")
+        return APIError(
+            429,
+            "the server is busy: its request queue is full, retry later",
+            type="rate_limit_error",
+            code="queue_full",
+        )
 
     async def admit(req: ChatCompletionRequest, channel: _Channel) -> Job:
         if req.model is not None and req.model != config.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{config.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{req.model}' does not exist; this server serves '{config.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         try:
             batcher.check_room()
         except QueueFullError:
@@ -371,16 +449,33 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
         if req.visual_prompts or req.return_masks:
             validate_visual_prompts(req.visual_prompts or [], [im.size for im in images])
             if req.visual_prompts and not takes_prompts:
-                raise APIError(400, "this model does not take visual prompts (boxes, points or masks)",
-                               param="visual_prompts", code="visual_prompts_unsupported")
+                raise APIError(
+                    400,
+                    "this model does not take visual prompts (boxes, points or masks)",
+                    param="visual_prompts",
+                    code="visual_prompts_unsupported",
+                )
             if req.return_masks and not segments:
-                raise APIError(400, "this model does not segment: it cannot return masks", param="return_masks",
-                               code="segmentation_unsupported")
+                raise APIError(
+                    400,
+                    "this model does not segment: it cannot return masks",
+                    param="return_masks",
+                    code="segmentation_unsupported",
+                )
             if _pixel_hook(model) is None:
-                raise APIError(501, "the model declares pixel-level support but has no chat_pixels hook",
-                               type="server_error", code="not_implemented")
-            pixel_task = PixelTask(conversation, images, [prompt_as_dict(p) for p in req.visual_prompts or []],
-                                   req.return_masks, req.mask_png)
+                raise APIError(
+                    501,
+                    "the model declares pixel-level support but has no chat_pixels hook",
+                    type="server_error",
+                    code="not_implemented",
+                )
+            pixel_task = PixelTask(
+                conversation,
+                images,
+                [prompt_as_dict(p) for p in req.visual_prompts or []],
+                req.return_masks,
+                req.mask_png,
+            )
         encoded, pixels = await run_in_threadpool(encode, conversation, images)
         room = processor.max_length - len(encoded.input_ids)
         requested = req.requested_max_tokens()
@@ -432,11 +527,17 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             return APIError(503, str(event.error), type="server_error", code="unavailable")
         if event.kind == "done":
             return APIError(503, "the request was cancelled", type="server_error", code="cancelled")
-        return APIError(500, f"generation failed: {type(event.error).__name__}: {event.error}", type="server_error")
+        return APIError(
+            500, f"generation failed: {type(event.error).__name__}: {event.error}", type="server_error"
+        )
 
     def timed_out() -> APIError:
-        return APIError(504, f"the request took longer than this server's timeout of {config.request_timeout:g} s",
-                        type="timeout_error", code="request_timeout")
+        return APIError(
+            504,
+            f"the request took longer than this server's timeout of {config.request_timeout:g} s",
+            type="timeout_error",
+            code="request_timeout",
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -448,11 +549,17 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             job = await admit(req, channel)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": 0, "total_tokens": job.prompt_tokens}
+        usage = {
+            "prompt_tokens": job.prompt_tokens,
+            "completion_tokens": 0,
+            "total_tokens": job.prompt_tokens,
+        }
 
         def finish_usage(event: Event) -> dict[str, int]:
-            usage.update(completion_tokens=event.completion_tokens,
-                         total_tokens=job.prompt_tokens + event.completion_tokens)
+            usage.update(
+                completion_tokens=event.completion_tokens,
+                total_tokens=job.prompt_tokens + event.completion_tokens,
+            )
             return usage
 
         if not req.stream:
@@ -468,15 +575,24 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
             message: dict[str, Any] = {"role": "assistant", "content": event.text}
             if req.return_masks:
                 message["masks"] = event.masks
-            return JSONResponse({
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": config.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "finish_reason": event.finish_reason, "logprobs": None}],
-                "usage": finish_usage(event),
-            })
+            return JSONResponse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": config.model_name,
+                    "system_fingerprint": None,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": message,
+                            "finish_reason": event.finish_reason,
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": finish_usage(event),
+                }
+            )
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -511,10 +627,16 @@ def create_app(model: InferenceModel, config: ServerConfig | None = None) -> Fas
                     break
                 yield chunk({"masks": event.masks} if req.return_masks else {}, event.finish_reason)
                 if include_usage:
-                    yield _sse({
-                        "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                        "model": config.model_name, "choices": [], "usage": finish_usage(event),
-                    })
+                    yield _sse(
+                        {
+                            "id": completion_id,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": config.model_name,
+                            "choices": [],
+                            "usage": finish_usage(event),
+                        }
+                    )
                 break
             yield _sse("[DONE]")
 
@@ -541,8 +663,12 @@ class ServerThread:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.port = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_keep_alive=5)
+        )
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -410,7 +410,9 @@ class Batcher:
         if first.seed is not None:
             torch.manual_seed(first.seed)
         with torch.inference_mode(), self._autocast():
-            model.generate(batch.input_ids, attention_mask=batch.attention_mask, images=batch.images, **kwargs)
+            model.generate(
+                batch.input_ids, attention_mask=batch.attention_mask, images=batch.images, **kwargs
+            )
         for row in tracker.rows:
             tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "length", flush=True)
 
@@ -419,11 +421,18 @@ class Batcher:
         task = job.pixel
         assert task is not None and self.pixel_hook is not None
         settings = GenerationSettings(
-            max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
-            stop=list(job.stop), seed=job.seed,
+            max_new_tokens=job.max_new_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            stop=list(job.stop),
+            seed=job.seed,
         )
         text, masks = self.pixel_hook(
-            task.conversation, task.images, task.visual_prompts, settings=settings, return_masks=task.return_masks
+            task.conversation,
+            task.images,
+            task.visual_prompts,
+            settings=settings,
+            return_masks=task.return_masks,
         )
         cut = _cut_at_stop(text, job.stop)
         text = (text[:cut] if cut >= 0 else text).strip()
@@ -432,8 +441,11 @@ class Batcher:
             for mask in masks:
                 encoded.append(
                     self.encode_mask(
-                        mask["mask"], phrase=str(mask.get("phrase", "")), image_index=int(mask.get("image_index", 0)),
-                        score=mask.get("score"), png=task.mask_png,
+                        mask["mask"],
+                        phrase=str(mask.get("phrase", "")),
+                        image_index=int(mask.get("image_index", 0)),
+                        score=mask.get("score"),
+                        png=task.mask_png,
                     )
                 )
         if job.stream and text:

@@ -157,7 +157,9 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     except ValidationError as err:
         errors = err.errors(include_url=False)
         if any(e["type"] == "json_invalid" for e in errors):
-            raise APIError(400, f"the request body is not valid JSON ({errors[0]['msg']})", code="invalid_json") from None
+            raise APIError(
+                400, f"the request body is not valid JSON ({errors[0]['msg']})", code="invalid_json"
+            ) from None
         if errors and errors[0]["type"] == "model_type" and not errors[0]["loc"]:
             raise APIError(400, "the request body must be a JSON object", code="invalid_json") from None
         worst = max(errors, key=lambda e: len(e["loc"]))
@@ -166,13 +168,17 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
             raise APIError(
                 400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
             ) from None
-        raise APIError(400, f"{param}: {worst['msg']}" if param else worst["msg"], param=param, code="invalid_value") from None
+        raise APIError(
+            400, f"{param}: {worst['msg']}" if param else worst["msg"], param=param, code="invalid_value"
+        ) from None
     _check_supported(request)
     return request
 
 
 def _unsupported(param: str, what: str) -> APIError:
-    return APIError(400, f"{param}: {what} is not supported by this server", param=param, code="unsupported_parameter")
+    return APIError(
+        400, f"{param}: {what} is not supported by this server", param=param, code="unsupported_parameter"
+    )
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
@@ -182,7 +188,9 @@ def _check_supported(request: ChatCompletionRequest) -> None:
     if request.logprobs or request.top_logprobs:
         raise _unsupported("logprobs", "returning log probabilities")
     if request.presence_penalty or request.frequency_penalty:
-        raise _unsupported("presence_penalty" if request.presence_penalty else "frequency_penalty", "a penalty")
+        raise _unsupported(
+            "presence_penalty" if request.presence_penalty else "frequency_penalty", "a penalty"
+        )
     if request.logit_bias:
         raise _unsupported("logit_bias", "a logit bias")
     if request.tools or request.tool_choice not in (None, "none", "auto"):
@@ -267,8 +275,9 @@ def prompt_as_dict(prompt: VisualPrompt) -> dict[str, Any]:
     return out
 
 
-def encode_mask(mask: Any, *, phrase: str = "", image_index: int = 0, score: float | None = None,
-                png: bool = False) -> dict[str, Any]:
+def encode_mask(
+    mask: Any, *, phrase: str = "", image_index: int = 0, score: float | None = None, png: bool = False
+) -> dict[str, Any]:
     """A model's mask (bool array or RLE dict) as the response's mask object: RLE, xywh bbox, area, phrase."""
     rle = to_rle(mask if isinstance(mask, dict) else np.asarray(mask))
     from pycocotools import mask as mask_utils

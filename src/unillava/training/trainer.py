@@ -233,7 +233,9 @@ class Trainer:
         dtype = torch.bfloat16 if config.bf16 else torch.float32
         try:
             if config.init_from is not None:
-                model = LlavaModel.from_pretrained(config.init_from, dtype=dtype, overrides=config.model_overrides)
+                model = LlavaModel.from_pretrained(
+                    config.init_from, dtype=dtype, overrides=config.model_overrides
+                )
             else:
                 assert config.model is not None
                 model_config = config.model
@@ -472,7 +474,9 @@ class Trainer:
         pixel: dict[str, Any] = {}
         if self.pixel_targets:
             local = [sum(b.num_masks for b in micro_batches), sum(len(b.images) for b in micro_batches)]
-            masks, images = acc.reduce(torch.tensor(local, dtype=torch.float32, device=acc.device), "sum").tolist()
+            masks, images = acc.reduce(
+                torch.tensor(local, dtype=torch.float32, device=acc.device), "sum"
+            ).tolist()
             pixel = {"global_counts": {"tokens": tokens, "masks": masks, "images": images}}
         parts = torch.zeros(3, device=acc.device)  # BCE and Dice summed over masks, regulariser over images
         seen = [False, False]
@@ -514,7 +518,9 @@ class Trainer:
         if pixel:
             # the flags are reduced with the sums (one collective), so every process logs the same keys
             flags = torch.tensor(seen, dtype=torch.float32, device=acc.device)
-            bce, dice, regularizer, any_masks, any_regularizer = acc.reduce(torch.cat([parts, flags]), "sum").tolist()
+            bce, dice, regularizer, any_masks, any_regularizer = acc.reduce(
+                torch.cat([parts, flags]), "sum"
+            ).tolist()
             counts = pixel["global_counts"]
             if any_masks and counts["masks"]:
                 metrics.update(mask_bce=bce / counts["masks"], mask_dice=dice / counts["masks"])

@@ -19,7 +19,9 @@ class CLIPTower(VisionTower):
     def __init__(self, config: VisionConfig):
         super().__init__()
         if config.select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"vision.select_feature: expected 'patch' or 'cls_patch', got {config.select_feature!r}")
+            raise ConfigError(
+                f"vision.select_feature: expected 'patch' or 'cls_patch', got {config.select_feature!r}"
+            )
         self.config = config
         if config.pretrained:
             self.model = CLIPVisionModel.from_pretrained(config.pretrained)
@@ -33,7 +35,9 @@ class CLIPTower(VisionTower):
         self.native_size = hf.image_size
         n_layers = hf.num_hidden_layers
         if not -n_layers - 1 <= config.select_layer <= n_layers:
-            raise ConfigError(f"vision.select_layer={config.select_layer} is outside the tower's {n_layers} layers")
+            raise ConfigError(
+                f"vision.select_layer={config.select_layer} is outside the tower's {n_layers} layers"
+            )
 
     def hf_config_dict(self) -> dict[str, Any]:
         return self.model.config.to_diff_dict()

@@ -36,8 +36,13 @@ def tower_fingerprint(tower: VisionTower) -> str:
 
 def _config_dict(tower: VisionTower) -> dict[str, Any]:
     c = tower.config
-    return {"type": c.type, "select_layer": c.select_layer, "select_feature": c.select_feature,
-            "extra": c.extra, "arch": tower.hf_config_dict()}
+    return {
+        "type": c.type,
+        "select_layer": c.select_layer,
+        "select_feature": c.select_feature,
+        "extra": c.extra,
+        "arch": tower.hf_config_dict(),
+    }
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -90,8 +95,12 @@ class FeatureCache:
         return digest.hexdigest()
 
     def stats(self) -> dict[str, Any]:
-        return {"images": len(self.entries), "mib": round(self.bytes / 2**20, 1), "hits": self.hits,
-                "misses": self.misses}
+        return {
+            "images": len(self.entries),
+            "mib": round(self.bytes / 2**20, 1),
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
 
 def clear_feature_caches() -> None:

@@ -66,7 +66,9 @@ def _divisible(value: float, divisor: int = 8) -> int:
 class ConvBNReLU6(nn.Sequential):
     """Conv (no bias) + BatchNorm (+ ReLU6): torchvision's Conv2dNormActivation, keys `0` and `1`."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
+    def __init__(
+        self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True
+    ):
         layers: list[nn.Module] = [
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout),
@@ -178,7 +180,9 @@ def imagenet_weights_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / WEIGHTS_FILE
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the {WEIGHTS_PACKAGE} package; reinstall {WEIGHTS_WHEEL}")
+        raise CheckpointError(
+            f"{path}: missing from the {WEIGHTS_PACKAGE} package; reinstall {WEIGHTS_WHEEL}"
+        )
     check_torchvision_hash(path)
     return path
 

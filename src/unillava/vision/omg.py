@@ -57,7 +57,14 @@ from unillava.errors import ConfigError
 from unillava.perception.model import PerceptionModel, PerceptionOutput
 from unillava.vision import VisionTower, register_tower
 
-EXTRA_KEYS = ("use_prior", "object_tokens", "max_object_tokens", "cache_size", "object_regularizer", "seg_decoder")
+EXTRA_KEYS = (
+    "use_prior",
+    "object_tokens",
+    "max_object_tokens",
+    "cache_size",
+    "object_regularizer",
+    "seg_decoder",
+)
 
 
 def pixel_tokens(backbone_last: torch.Tensor) -> torch.Tensor:
@@ -135,7 +142,9 @@ class OMGTower(VisionTower):
         super().__init__()
         unknown = sorted(set(config.extra) - set(EXTRA_KEYS) - {"multiple_of", "max_long_side"})
         if unknown:
-            raise ConfigError(f"vision.extra: unknown key(s) {', '.join(unknown)}; known: {', '.join(EXTRA_KEYS)}")
+            raise ConfigError(
+                f"vision.extra: unknown key(s) {', '.join(unknown)}; known: {', '.join(EXTRA_KEYS)}"
+            )
         if config.image_mode != "pad":
             raise ConfigError("vision.image_mode: the OMG tower takes `pad` images (the segmenter's frame)")
         self.config = config
@@ -158,11 +167,16 @@ class OMGTower(VisionTower):
         # The paper's optional task-specific decoder: a copy of the segmenter's transformer decoder that
         # only [SEG] queries run through, so mask training can adapt it while object tokens, visual
         # prompts and the segmenter itself keep the frozen original.
-        self.seg_decoder = (copy.deepcopy(self.perception.model.transformer_module.decoder)
-                            if seg_decoder == "trainable" else None)
+        self.seg_decoder = (
+            copy.deepcopy(self.perception.model.transformer_module.decoder)
+            if seg_decoder == "trainable"
+            else None
+        )
         self.query_dim = 2 * self.perception.hidden_dim
         backbone = self.perception.config.backbone_config
-        self.stride = 2 * int(backbone.patch_size) * 2 ** (len(backbone.hidden_sizes) - 1)  # x2: pixel shuffle
+        self.stride = (
+            2 * int(backbone.patch_size) * 2 ** (len(backbone.hidden_sizes) - 1)
+        )  # x2: pixel shuffle
         pixel_width = 4 * self.perception.backbone_channels
         self.hidden_size = pixel_width + (self.query_dim if self.use_prior else 0)
         self.query_projection = nn.Linear(self.query_dim, pixel_width)
@@ -178,11 +192,17 @@ class OMGTower(VisionTower):
             return
         trainable = self.query_projection.weight.requires_grad
         reference = self.query_projection.weight
-        self.object_mlp = nn.Sequential(nn.Linear(self.query_projection.out_features, text_hidden), nn.GELU(),
-                                        nn.Linear(text_hidden, text_hidden)).to(reference.device, reference.dtype)
-        self.separator = nn.Parameter(torch.zeros(text_hidden, device=reference.device, dtype=reference.dtype))
-        self.seg_head = nn.Sequential(nn.Linear(text_hidden, self.query_dim), nn.GELU(),
-                                      nn.Linear(self.query_dim, self.query_dim)).to(reference.device, reference.dtype)
+        self.object_mlp = nn.Sequential(
+            nn.Linear(self.query_projection.out_features, text_hidden),
+            nn.GELU(),
+            nn.Linear(text_hidden, text_hidden),
+        ).to(reference.device, reference.dtype)
+        self.separator = nn.Parameter(
+            torch.zeros(text_hidden, device=reference.device, dtype=reference.dtype)
+        )
+        self.seg_head = nn.Sequential(
+            nn.Linear(text_hidden, self.query_dim), nn.GELU(), nn.Linear(self.query_dim, self.query_dim)
+        ).to(reference.device, reference.dtype)
         self.text_hidden = text_hidden
         self.requires_grad_(trainable)
 
@@ -239,7 +259,9 @@ class OMGTower(VisionTower):
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         if height % self.stride or width % self.stride:
-            raise ConfigError(f"OMG tower: image sides must be multiples of {self.stride}, got {height}x{width}")
+            raise ConfigError(
+                f"OMG tower: image sides must be multiples of {self.stride}, got {height}x{width}"
+            )
         return height // self.stride, width // self.stride
 
     @property
@@ -292,7 +314,9 @@ class OMGTower(VisionTower):
         object slot). `projector` is the core projector, which maps the pixel (+prior) features."""
         if self.text_hidden is None:
             raise ConfigError("OMG tower: attach_language_model() first (OMGLlavaModel does)")
-        batches = [images] if isinstance(images, torch.Tensor) and images.dim() == 4 else [i[None] for i in images]
+        batches = (
+            [images] if isinstance(images, torch.Tensor) and images.dim() == 4 else [i[None] for i in images]
+        )
         features, valid = [], []
         for batch in batches:
             for part in self.encode_parts(batch):

@@ -198,7 +198,9 @@ def get_id(obj: Mapping[str, Any], keys: Sequence[str], at: str, problems: Probl
     return None
 
 
-def get_str(obj: Mapping[str, Any], key: str, at: str, problems: Problems, *, allow_empty: bool = False) -> str | None:
+def get_str(
+    obj: Mapping[str, Any], key: str, at: str, problems: Problems, *, allow_empty: bool = False
+) -> str | None:
     value = obj.get(key)
     if not isinstance(value, str) or (not allow_empty and not value.strip()):
         problems.add(at, f"field '{key}' must be a non-empty string")
@@ -254,7 +256,9 @@ def mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
 
 
-def group_means(keys: Sequence[str | None], columns: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+def group_means(
+    keys: Sequence[str | None], columns: Mapping[str, Sequence[float]]
+) -> dict[str, dict[str, float]]:
     """Per-group means of each column, with the group size as "n"."""
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
@@ -326,7 +330,12 @@ class Benchmark:
         raise NotImplementedError
 
     def write_submission(
-        self, items: Sequence[Item], predictions: Mapping[str, Prediction], out_dir: Path, split: str, root: Path
+        self,
+        items: Sequence[Item],
+        predictions: Mapping[str, Prediction],
+        out_dir: Path,
+        split: str,
+        root: Path,
     ) -> list[Path]:
         """Files in the evaluation server's format (none by default); `root` is the benchmark's data directory."""
         return []
@@ -339,7 +348,9 @@ class Benchmark:
         return None if value is None else float(value) * self.columns[0].scale
 
     # Judged benchmarks override these two.
-    def judge_requests(self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str) -> list[dict]:
+    def judge_requests(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str
+    ) -> list[dict]:
         return []
 
     def score_judged(

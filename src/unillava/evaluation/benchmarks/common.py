@@ -43,8 +43,12 @@ def llava_questions(
                 id=prefix + qid,
                 prompt=with_prompt(text, *suffixes),
                 images=[images / image] if image else [],
-                meta={"at": at, "question_id": obj["question_id"] if "question_id" in obj else obj.get("id"),
-                      "category": obj.get("category"), "image": image},
+                meta={
+                    "at": at,
+                    "question_id": obj["question_id"] if "question_id" in obj else obj.get("id"),
+                    "category": obj.get("category"),
+                    "image": image,
+                },
             )
         )
     return items

@@ -82,7 +82,9 @@ class JudgeClient:
             try:
                 from openai import OpenAI
 
-                self._openai = OpenAI(base_url=self.endpoint, api_key=self.api_key, timeout=timeout, max_retries=2)
+                self._openai = OpenAI(
+                    base_url=self.endpoint, api_key=self.api_key, timeout=timeout, max_retries=2
+                )
             except ImportError:
                 if backend == "openai":
                     raise UnillavaError("the openai package is not installed") from None
@@ -134,7 +136,9 @@ class MMVet(Benchmark):
     default_split = "test"
     judge_default = "gpt-4-0613"
     download = "`mm-vet.json` and `images/` from MM-Vet's release (github.com/yuweihao/MM-Vet, mm-vet.zip)."
-    metric_note = "mean GPT-4 correctness score (0-1, x100) over all questions; per capability in the breakdown"
+    metric_note = (
+        "mean GPT-4 correctness score (0-1, x100) over all questions; per capability in the breakdown"
+    )
 
     def recognises(self, root: Path) -> bool:
         return (root / "mm-vet.json").is_file()
@@ -152,22 +156,39 @@ class MMVet(Benchmark):
             caps = q.get("capability", [])
             if question is None or answer is None or image is None:
                 continue
-            items.append(Item(qid, question, [images / image],
-                              {"answer": answer, "capability": [str(c) for c in caps] if isinstance(caps, list) else []},
-                              {"at": at}))
+            items.append(
+                Item(
+                    qid,
+                    question,
+                    [images / image],
+                    {
+                        "answer": answer,
+                        "capability": [str(c) for c in caps] if isinstance(caps, list) else [],
+                    },
+                    {"at": at},
+                )
+            )
         return LoadResult(items, split or "test", problems.messages)
 
-    def judge_requests(self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str) -> list[dict]:
+    def judge_requests(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str
+    ) -> list[dict]:
         out = []
         for item in items:
             pred = predictions.get(item.id)
             gt = item.answer["answer"].replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
             row = " | ".join([item.prompt, gt, pred.text if pred else "", ""])
-            out.append({
-                "custom_id": item.id,
-                "body": {"model": model, "messages": [{"role": "user", "content": f"{MMVET_PROMPT}\n{row}"}],
-                         "temperature": 0.0, "max_tokens": 3},
-            })
+            out.append(
+                {
+                    "custom_id": item.id,
+                    "body": {
+                        "model": model,
+                        "messages": [{"role": "user", "content": f"{MMVET_PROMPT}\n{row}"}],
+                        "temperature": 0.0,
+                        "max_tokens": 3,
+                    },
+                }
+            )
         return out
 
     def parse_reply(self, reply: str) -> Any:
@@ -186,15 +207,26 @@ class MMVet(Benchmark):
             scores.append(value)
             for cap in item.answer["capability"]:
                 per_cap.setdefault(cap, []).append(value)
-        warnings = [f"{unparsable} judge repl(ies) had no score in [0, 1]; scored 0.0 as MM-Vet's evaluator does"] if unparsable else []
+        warnings = (
+            [f"{unparsable} judge repl(ies) had no score in [0, 1]; scored 0.0 as MM-Vet's evaluator does"]
+            if unparsable
+            else []
+        )
         return {
             "metrics": {"total": mean(scores)},
-            "breakdown": {"capability": {k: {"score": mean(v), "n": len(v)} for k, v in sorted(per_cap.items())}},
+            "breakdown": {
+                "capability": {k: {"score": mean(v), "n": len(v)} for k, v in sorted(per_cap.items())}
+            },
             "warnings": warnings,
         }
 
     def write_submission(
-        self, items: Sequence[Item], predictions: Mapping[str, Prediction], out_dir: Path, split: str, root: Path
+        self,
+        items: Sequence[Item],
+        predictions: Mapping[str, Prediction],
+        out_dir: Path,
+        split: str,
+        root: Path,
     ) -> list[Path]:
         """{id: answer}, what MM-Vet's online evaluator and mm-vet_evaluator.py read."""
         rows = {item.id: (p.text if (p := predictions.get(item.id)) else "") for item in items}
@@ -224,10 +256,10 @@ class LLaVABench(Benchmark):
     max_new_tokens = 1024
     default_split = "test"
     judge_default = "gpt-4-0314"
-    download = (
-        "HF liuhaotian/llava-bench-in-the-wild: `questions.jsonl`, `answers_gpt4.jsonl`, `context.jsonl` and `images/`."
+    download = "HF liuhaotian/llava-bench-in-the-wild: `questions.jsonl`, `answers_gpt4.jsonl`, `context.jsonl` and `images/`."
+    metric_note = (
+        "relative score: mean judge score of the model / mean judge score of the GPT-4 reference answer x100"
     )
-    metric_note = "relative score: mean judge score of the model / mean judge score of the GPT-4 reference answer x100"
 
     def recognises(self, root: Path) -> bool:
         return (root / "questions.jsonl").is_file() and (root / "answers_gpt4.jsonl").is_file()
@@ -267,14 +299,27 @@ class LLaVABench(Benchmark):
             if qid not in references:
                 problems.add(at, f"question id {qid!r} has no reference answer in {a_path}")
                 continue
-            items.append(Item(qid, text, [images / image],
-                              {"reference": references[qid], "context": contexts.get(image, ""),
-                               "category": str(obj.get("category", "conv")), "rule": rule}, {"at": at}))
+            items.append(
+                Item(
+                    qid,
+                    text,
+                    [images / image],
+                    {
+                        "reference": references[qid],
+                        "context": contexts.get(image, ""),
+                        "category": str(obj.get("category", "conv")),
+                        "rule": rule,
+                    },
+                    {"at": at},
+                )
+            )
         if not items and references and not problems.messages:
             raise DataError(f"{q_path}: no questions")
         return LoadResult(dedupe(items, problems), split or "test", problems.messages)
 
-    def judge_requests(self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str) -> list[dict]:
+    def judge_requests(
+        self, items: Sequence[Item], predictions: Mapping[str, Prediction], model: str
+    ) -> list[dict]:
         out = []
         for item in items:
             pred = predictions.get(item.id)
@@ -285,12 +330,20 @@ class LLaVABench(Benchmark):
                 f"[Assistant 2]\n{pred.text if pred else ''}\n\n[End of Assistant 2]\n\n"
                 f"[System]\n{a['rule']}\n\n"
             )
-            out.append({
-                "custom_id": item.id,
-                "body": {"model": model,
-                         "messages": [{"role": "system", "content": LLAVA_BENCH_SYSTEM}, {"role": "user", "content": content}],
-                         "temperature": 0.2, "max_tokens": 1024},
-            })
+            out.append(
+                {
+                    "custom_id": item.id,
+                    "body": {
+                        "model": model,
+                        "messages": [
+                            {"role": "system", "content": LLAVA_BENCH_SYSTEM},
+                            {"role": "user", "content": content},
+                        ],
+                        "temperature": 0.2,
+                        "max_tokens": 1024,
+                    },
+                }
+            )
         return out
 
     def parse_reply(self, reply: str) -> Any:
@@ -311,11 +364,22 @@ class LLaVABench(Benchmark):
 
         def relative(values: list[tuple[float, float]]) -> dict[str, float]:
             ref, ours = mean([v[0] for v in values]), mean([v[1] for v in values])
-            return {"relative_score": 100.0 * ours / ref if ref else 0.0, "model": ours, "reference": ref, "n": len(values)}
+            return {
+                "relative_score": 100.0 * ours / ref if ref else 0.0,
+                "model": ours,
+                "reference": ref,
+                "n": len(values),
+            }
 
         overall = relative(pairs.get("all", []))
-        warnings = [f"{unparsable} judge repl(ies) had no 'score1 score2' first line; left out of the means "
-                    "(LLaVA's script counts them as -1, -1)"] if unparsable else []
+        warnings = (
+            [
+                f"{unparsable} judge repl(ies) had no 'score1 score2' first line; left out of the means "
+                "(LLaVA's script counts them as -1, -1)"
+            ]
+            if unparsable
+            else []
+        )
         return {
             "metrics": {k: overall[k] for k in ("relative_score", "model", "reference")},
             "breakdown": {"category": {k: relative(v) for k, v in sorted(pairs.items()) if k != "all"}},
