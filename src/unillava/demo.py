@@ -349,9 +349,9 @@ def run_demo(
         "ablation_limit": preset.ablation_limit,
     }
     (out / "demo_summary.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = _write_report(out, report)
+    _write_report(out, report)
     if not preset.trains_tower:
-        _write_model_card(Path(model_dir), report, preset, table)
+        _write_model_card(Path(model_dir), report, preset)
     print(
         f"report: {out / 'REPORT.md'}\ntry it:  unillava chat --model {model_dir} --image "
         f"{next((data / 'images' / 'test').glob('*.png'))}"
@@ -363,26 +363,18 @@ def _last_loss(result: Any) -> float | None:
     return round(result.losses[max(result.losses)], 4) if result.losses else None
 
 
-def _write_report(out: Path, report: dict[str, Any]) -> str:
-    """REPORT.md; returns its tables (for the model card)."""
-    ablation = report["ablation"]
-    lines = [
-        "# unillava demo report",
-        "",
-        f"Preset `{report['preset']}`, seed {report['seed']}. Model: `{report['model_dir']}`.",
-        "",
+def _timing_table(report: dict[str, Any]) -> list[str]:
+    return [
         "| phase | seconds | samples/s |",
         "|---|---|---|",
         *[f"| {k} | {v} | {report['samples_per_s'].get(k, '')} |" for k, v in report["timings_s"].items()],
-        "",
-        f"Final training loss: stage 1 {report['stage1_final_loss']}, stage 2 {report['stage2_final_loss']}.",
-        "",
-        "Image ablation: the same questions with each question's own image, a blank grey image and another "
-        f"test scene's image (blank/other on the first {report['ablation_limit']} questions of each task).",
-        "",
-        "| task | metric | own image | blank image | other image |",
-        "|---|---|---|---|---|",
     ]
+
+
+def _ablation_table(report: dict[str, Any]) -> list[str]:
+    """Every float metric of the own-image run beside the blank- and other-image runs' values."""
+    ablation = report["ablation"]
+    lines = ["| task | metric | own image | blank image | other image |", "|---|---|---|---|---|"]
     for task, metrics in report["metrics"].items():
         for name, value in metrics.items():
             if isinstance(value, float):
@@ -392,17 +384,28 @@ def _write_report(out: Path, report: dict[str, Any]) -> str:
                     + " | ".join(f"{v:.4f}" if isinstance(v, float) else "" for v in cells)
                     + " |"
                 )
-    lines += [
+    return lines
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    lines = [
+        "# unillava demo report",
+        "",
+        f"Preset `{report['preset']}`, seed {report['seed']}. Model: `{report['model_dir']}`.",
+        "",
+        *_timing_table(report),
+        "",
+        f"Final training loss: stage 1 {report['stage1_final_loss']}, stage 2 {report['stage2_final_loss']}.",
+        "",
+        "Image ablation: the same questions with each question's own image, a blank grey image and another "
+        f"test scene's image (blank/other on the first {report['ablation_limit']} questions of each task).",
+        "",
+        *_ablation_table(report),
         "",
         "Samples with images, questions, answers and ground truth: [eval/report.md](eval/report.md)",
         "",
     ]
     (out / "REPORT.md").write_text("\n".join(lines))
-    return "\n".join(
-        line
-        for line in lines[lines.index("| task | metric | own image | blank image | other image |") :]
-        if line.startswith("|")
-    )
 
 
 LICENCES = {
@@ -414,7 +417,7 @@ LICENCES = {
 }
 
 
-def _write_model_card(model_dir: Path, report: dict[str, Any], preset: DemoPreset, table: str) -> None:
+def _write_model_card(model_dir: Path, report: dict[str, Any], preset: DemoPreset) -> None:
     """README.md of the exported model: what it is built on, the exact recipe and command, its scores."""
     flags = "" if report["preset"] == "default" else f" --preset {report['preset']}"
     recipe = {k: v for k, v in vars(preset).items() if k not in ("llm", "random_parts")}
@@ -440,15 +443,13 @@ def _write_model_card(model_dir: Path, report: dict[str, Any], preset: DemoPrese
         json.dumps(recipe, indent=1),
         "```",
         "",
-        "| phase | seconds | samples/s |",
-        "|---|---|---|",
-        *[f"| {k} | {v} | {report['samples_per_s'].get(k, '')} |" for k, v in report["timings_s"].items()],
+        *_timing_table(report),
         "",
         "## Scores (test split) and the image ablation",
         "",
         "Own image, a blank grey image, another test scene's image: how much of each score comes from seeing.",
         "",
-        table,
+        *_ablation_table(report),
         "",
     ]
     (model_dir / "README.md").write_text("\n".join(card))
