@@ -71,3 +71,16 @@ def test_stops_storing_past_its_budget_but_still_answers(model: LlavaModel) -> N
     with torch.no_grad():
         features = cache(model.vision_tower, torch.randn(2, 3, 32, 32))
     assert len(features) == 2 and cache.stats()["images"] == 0
+
+
+def test_features_cached_under_autocast_are_not_served_without_it(model: LlavaModel) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    model.cache_tower_features()
+    with torch.no_grad():
+        reference = model.vision_tower(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.feature_cache(model.vision_tower, images)
+        served = model.feature_cache(model.vision_tower, images)
+    assert model.feature_cache.stats()["images"] == 4
+    for got, want in zip(served, reference, strict=True):
+        assert torch.equal(got, want)

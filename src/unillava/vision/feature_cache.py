@@ -90,8 +90,12 @@ class FeatureCache:
 
     @staticmethod
     def _key(image: torch.Tensor) -> str:
+        """Pixels plus the autocast state they would be encoded under: features a bf16 training run
+        cached are not what an fp32 evaluation in the same process would compute."""
+        device = image.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         digest = hashlib.blake2b(_tensor_bytes(image), digest_size=16)
-        digest.update(f"{image.dtype}:{tuple(image.shape)}:{image.device}".encode())
+        digest.update(f"{image.dtype}:{tuple(image.shape)}:{image.device}:{autocast}".encode())
         return digest.hexdigest()
 
     def stats(self) -> dict[str, Any]:
