@@ -12,7 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, Stoppi
 
 import unillava
 from unillava.cli import main as cli_main
-from unillava.decoding import FastDecoder, Int4Linear, _int4_fused, fast_decoding_unsupported, lora_factors
+from unillava.decoding import (
+    FastDecoder,
+    Int4Linear,
+    RescoredHead,
+    _int4_fused,
+    fast_decoding_unsupported,
+    lora_factors,
+)
 from unillava.errors import UnillavaError
 from unillava.inference import InferenceModel
 from unillava.modeling import LlavaModel
@@ -202,3 +209,16 @@ def test_lora_factors_read_a_peft_adapter(tmp_path):
     assert len(factors) == 2 * 3
     down, up = factors["model.layers.1.self_attn.q_proj"]
     assert torch.allclose(up @ down, expected.detach(), atol=1e-7)
+
+
+def test_rescored_head_picks_the_dense_best_token():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 500, bias=False)
+    x = torch.randn(6, 64)
+    dense = head(x).detach()
+    rescored = RescoredHead(head, top=16)(x)
+    assert torch.equal(rescored.argmax(-1), dense.argmax(-1))
+    best = dense.topk(3, dim=-1).indices
+    assert torch.allclose(rescored.gather(-1, best), dense.gather(-1, best), atol=1e-5)
+    approximate = Int4Linear(head.weight)(x)
+    assert (approximate - dense).abs().max() > 1e-3  # the rescoring is what makes them equal

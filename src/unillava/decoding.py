@@ -5,7 +5,7 @@ objects, mask building and logits processors. `FastDecoder` runs the same layers
 projection and MLP modules, the model's own rotary embedding) with a preallocated KV cache and a short
 loop, so the greedy text equals `generate`'s. With `quantize="int4"` the decoding steps use PyTorch's CPU
 int4 kernels (weight-only, groups of 32 along the input dimension, bf16 activations; the vocabulary
-projection int8; a merged LoRA adapter kept apart): about 4x fewer weight bytes per token, a lossy change
+projection int4 with the best candidates rescored densely; a merged LoRA adapter kept apart): about 4x fewer weight bytes per token, a lossy change
 measured in docs/inference.md. Prompts (prefill) always run on the dense weights.
 
 Supported: plain `LlamaForCausalLM` without biases; `fast_decoding_unsupported` names the reason
@@ -164,21 +164,24 @@ def _int4_fused(modules: list[tuple[str, nn.Linear]], factors: dict[str, tuple[t
     return Int4Linear(torch.cat(bases), low_rank=low_rank)
 
 
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer (one scale per output row) on PyTorch's `_weight_int8pack_mm`, for
-    the vocabulary projection: int4 there costs more quality than everywhere else (docs/inference.md)."""
+class RescoredHead(nn.Module):
+    """The vocabulary projection for int4 steps: int4 logits for every token, then the `top` highest
+    recomputed from the dense rows. Int4 alone there cost more quality than everywhere else together, and
+    an int8 kernel is slower than int4 + rescoring (docs/inference.md); the greedy choice is the dense
+    one whenever the dense best token is among int4's `top` best."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, head: nn.Linear, top: int = 16):
         super().__init__()
-        weight = weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("codes", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.approximate = Int4Linear(head.weight)
+        self.weight = head.weight
+        self.top = top
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self.scale)
-        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
+        logits = self.approximate(x).float()
+        candidates = logits.topk(self.top, dim=-1).indices
+        rows = self.weight[candidates]  # [..., top, C]
+        exact = (rows.float() @ x.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter(-1, candidates, exact)
 
 
 class _Bf16RMSNorm:
@@ -265,7 +268,7 @@ class FastDecoder:
         ]
         head = language_model.lm_head
         self.lm_head: Callable = head
-        self.step_lm_head: Callable = Int8Linear(head.weight) if quantize == "int4" else head
+        self.step_lm_head: Callable = RescoredHead(head) if quantize == "int4" else head
         self.step_final_norm: Callable = _Bf16RMSNorm(decoder.norm) if quantize == "int4" else decoder.norm
         # int4 steps carry bf16 activations (the kernels take bf16), so no layer converts back and forth.
         self.step_dtype = torch.bfloat16 if quantize == "int4" else None
