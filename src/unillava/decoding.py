@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -184,8 +185,14 @@ class RescoredHead(nn.Module):
         return logits.scatter(-1, candidates, exact)
 
 
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise UnillavaError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+
+
 class _Bf16RMSNorm:
-    """A Llama RMSNorm for bf16 decoding steps: variance in float32 as the original, output in bf16."""
+    """A Llama RMSNorm for bf16 decoding steps: variance in float32 as the original, the rest in bf16
+    (transformers' module, given bf16 weights, normalizes in float32 before rounding: other numerics)."""
 
     def __init__(self, norm: nn.Module):
         self.weight = norm.weight.detach().to(torch.bfloat16)
@@ -196,44 +203,59 @@ class _Bf16RMSNorm:
         return (x * torch.rsqrt(variance + self.eps).to(x.dtype)) * self.weight
 
 
+@dataclass
+class _Projections:
+    """What one decoder layer runs around its attention, for one phase (prompt or decoding step)."""
+
+    input_norm: Callable
+    qkv: Callable
+    o_proj: Callable
+    post_norm: Callable
+    mlp: Callable
+
+
 class _LayerOps:
-    """One decoder layer's projections: the layer's own modules, and for decoding steps optionally int4
-    copies with fused q|k|v and gate|up (one kernel call each instead of three and two)."""
+    """One decoder layer for the fast loop: `prefill` is the layer's own modules; `step` the same or, for
+    int4, quantized copies with fused q|k|v and gate|up (one kernel call each instead of three and two)
+    and bf16 norms. Decoding reads every weight once per token, so int4 pays there; prompts are long
+    enough for the dense matrix products to be faster."""
 
     def __init__(self, layer: nn.Module, quantize: str, name: str, factors: dict[str, Any]):
         attn, mlp = layer.self_attn, layer.mlp
-        self.input_norm = layer.input_layernorm
-        self.post_norm = layer.post_attention_layernorm
         self.scaling = attn.scaling
         self.head_dim = attn.head_dim
-        self.qkv: Callable = lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
-        self.o_proj: Callable = attn.o_proj
-        self.mlp: Callable = mlp
-        # Decoding reads every weight once per token, so int4 pays there; prompts are long enough for
-        # the dense matrix products to be faster, so prefill keeps the layer's own weights.
-        self.step_qkv, self.step_o_proj, self.step_mlp = self.qkv, self.o_proj, self.mlp
-        self.step_input_norm, self.step_post_norm = self.input_norm, self.post_norm
-        if quantize == "int4":
-            self.step_input_norm = _Bf16RMSNorm(layer.input_layernorm)
-            self.step_post_norm = _Bf16RMSNorm(layer.post_attention_layernorm)
-            projections = [
-                (f"{name}.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")
-            ]
-            qkv = _int4_fused(projections, factors)
-            sizes = [linear.out_features for _, linear in projections]
-            self.step_qkv = lambda h: qkv(h).split(sizes, dim=-1)
-            self.step_o_proj = _int4_fused([(f"{name}.self_attn.o_proj", attn.o_proj)], factors)
-            gate_up = _int4_fused(
-                [(f"{name}.mlp.gate_proj", mlp.gate_proj), (f"{name}.mlp.up_proj", mlp.up_proj)], factors
-            )
-            down = _int4_fused([(f"{name}.mlp.down_proj", mlp.down_proj)], factors)
-            act = mlp.act_fn
+        self.prefill = _Projections(
+            input_norm=layer.input_layernorm,
+            qkv=lambda h: (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)),
+            o_proj=attn.o_proj,
+            post_norm=layer.post_attention_layernorm,
+            mlp=mlp,
+        )
+        self.step = self.prefill if quantize == "none" else self._int4(layer, name, factors)
 
-            def fused_mlp(h: torch.Tensor) -> torch.Tensor:
-                gate, up = gate_up(h).chunk(2, dim=-1)
-                return down(act(gate) * up)
+    @staticmethod
+    def _int4(layer: nn.Module, name: str, factors: dict[str, Any]) -> _Projections:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = [(f"{name}.self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj")]
+        qkv = _int4_fused(projections, factors)
+        sizes = [linear.out_features for _, linear in projections]
+        gate_up = _int4_fused(
+            [(f"{name}.mlp.gate_proj", mlp.gate_proj), (f"{name}.mlp.up_proj", mlp.up_proj)], factors
+        )
+        down = _int4_fused([(f"{name}.mlp.down_proj", mlp.down_proj)], factors)
+        act = mlp.act_fn
 
-            self.step_mlp = fused_mlp
+        def fused_mlp(h: torch.Tensor) -> torch.Tensor:
+            gate, up = gate_up(h).chunk(2, dim=-1)
+            return down(act(gate) * up)
+
+        return _Projections(
+            input_norm=_Bf16RMSNorm(layer.input_layernorm),
+            qkv=lambda h: qkv(h).split(sizes, dim=-1),
+            o_proj=_int4_fused([(f"{name}.self_attn.o_proj", attn.o_proj)], factors),
+            post_norm=_Bf16RMSNorm(layer.post_attention_layernorm),
+            mlp=fused_mlp,
+        )
 
 
 class FastDecoder:
@@ -254,8 +276,7 @@ class FastDecoder:
         reason = fast_decoding_unsupported(language_model)
         if reason is not None:
             raise UnillavaError(f"fast decoding: unsupported model ({reason})")
-        if quantize not in QUANTIZE_CHOICES:
-            raise UnillavaError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+        check_quantize(quantize)
         self.language_model = language_model
         self.quantize = quantize
         decoder = language_model.model
@@ -266,12 +287,14 @@ class FastDecoder:
             _LayerOps(layer, quantize, f"model.layers.{i}", lora or {})
             for i, layer in enumerate(decoder.layers)
         ]
-        head = language_model.lm_head
-        self.lm_head: Callable = head
-        self.step_lm_head: Callable = RescoredHead(head) if quantize == "int4" else head
-        self.step_final_norm: Callable = _Bf16RMSNorm(decoder.norm) if quantize == "int4" else decoder.norm
-        # int4 steps carry bf16 activations (the kernels take bf16), so no layer converts back and forth.
-        self.step_dtype = torch.bfloat16 if quantize == "int4" else None
+        # (final norm, vocabulary projection) for prompts and for decoding steps.
+        self.prefill_head: tuple[Callable, Callable] = (decoder.norm, language_model.lm_head)
+        self.step_head = self.prefill_head
+        self.step_dtype: torch.dtype | None = None
+        if quantize == "int4":
+            self.step_head = (_Bf16RMSNorm(decoder.norm), RescoredHead(language_model.lm_head))
+            # int4 steps carry bf16 activations (the kernels take bf16): no layer converts back and forth.
+            self.step_dtype = torch.bfloat16
         config = language_model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -290,30 +313,27 @@ class FastDecoder:
         prefill = steps > 1
         cos, sin = self.rotary(hidden, positions)
         end = start + steps
-        for ops, (key_cache, value_cache) in zip(self.layers, caches, strict=True):
-            h = (ops.input_norm if prefill else ops.step_input_norm)(hidden)
-            q, k, v = (ops.qkv if prefill else ops.step_qkv)(h)
-            q = q.view(batch, steps, -1, ops.head_dim).transpose(1, 2)
-            k = k.view(batch, steps, -1, ops.head_dim).transpose(1, 2)
+        for layer, (key_cache, value_cache) in zip(self.layers, caches, strict=True):
+            ops = layer.prefill if prefill else layer.step
+            q, k, v = ops.qkv(ops.input_norm(hidden))
+            q = q.view(batch, steps, -1, layer.head_dim).transpose(1, 2)
+            k = k.view(batch, steps, -1, layer.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             key_cache[:, :, start:end] = k
-            value_cache[:, :, start:end] = v.view(batch, steps, -1, ops.head_dim).transpose(1, 2)
+            value_cache[:, :, start:end] = v.view(batch, steps, -1, layer.head_dim).transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 q.to(key_cache.dtype),
                 key_cache[:, :, :end],
                 value_cache[:, :, :end],
                 attn_mask=mask,
-                scale=ops.scaling,
+                scale=layer.scaling,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
             attended = attended.transpose(1, 2).reshape(batch, steps, -1).to(hidden.dtype)
-            hidden = hidden + (ops.o_proj if prefill else ops.step_o_proj)(attended)
-            hidden = hidden + (ops.mlp if prefill else ops.step_mlp)(
-                (ops.post_norm if prefill else ops.step_post_norm)(hidden)
-            )
-        if prefill:
-            return self.lm_head(self.final_norm(hidden[:, -1:]))[:, -1]
-        return self.step_lm_head(self.step_final_norm(hidden[:, -1:]))[:, -1]
+            hidden = hidden + ops.o_proj(attended)
+            hidden = hidden + ops.mlp(ops.post_norm(hidden))
+        final_norm, lm_head = self.prefill_head if prefill else self.step_head
+        return lm_head(final_norm(hidden[:, -1:]))[:, -1]
 
     @torch.inference_mode()
     def generate(

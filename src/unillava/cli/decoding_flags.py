@@ -13,7 +13,7 @@ def add_decoding_flags(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         default="none",
         choices=QUANTIZE_CHOICES,
-        help="int4: weight-only int4 language model on the fast path (lossy, ~3x faster decoding on a CPU)",
+        help="int4: weight-only int4 language model on the fast path (lossy; faster decoding on a CPU, docs/inference.md)",
     )
     parser.add_argument(
         "--no-fast",
