@@ -22,8 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from unillava.data.images import load_image
+from unillava.data.llava_format import ConversationFile
 from unillava.data.shapes import generate_dataset
 from unillava.demo import PRESETS, model_config
+from unillava.inference import load
 from unillava.training.config import DataConfig, LoraSettings, TrainConfig
 from unillava.training.trainer import train
 
@@ -122,10 +125,6 @@ def main() -> None:
 
 def step_flops(model_dir: Path, data: Path, batch: int, llm_mode: str) -> tuple[float, int]:
     """Model FLOPs of one step on a typical batch (see the module docstring for the formula)."""
-    from unillava.data.images import load_image
-    from unillava.data.llava_format import ConversationFile
-    from unillava.inference import load
-
     lm = load(model_dir)
     file = ConversationFile(data / "tasks/train/vqa.jsonl", image_root=data)
     tokens = 0

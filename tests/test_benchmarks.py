@@ -38,7 +38,7 @@ from unillava.evaluation.benchmarks.grounding import box_iou, parse_box, polygon
 from unillava.evaluation.benchmarks.judged import llava_bench_scores, mmvet_score
 from unillava.evaluation.benchmarks.vqa import anls, evalai_answer
 from unillava.evaluation.benchmarks.yesno import mme_answer
-from unillava.evaluation.real_runner import RunOptions, read_predictions, run_benchmark, run_benchmarks
+from unillava.evaluation.runner import RunOptions, read_predictions, run_benchmark, run_benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -391,9 +391,10 @@ def test_registry_covers_every_paper_benchmark():
     }
     assert {"docvqa", "realworldqa", "mmmu"} <= set(SUITES["convllava"])
     assert {"refcoco", "refcoco+", "refcocog", "gcg", "refcocog-regcap"} <= set(SUITES["omg-llava"])
-    for suite, names in SUITES.items():
+    assert set(PAPER_TABLES) == set(SUITES) - {"shapes"}  # the procedural suite has no paper
+    for names in SUITES.values():
         assert all(n in BENCHMARKS for n in names)
-        table = PAPER_TABLES[suite]
+    for table in PAPER_TABLES.values():
         assert all(b in BENCHMARKS for c in table.columns for b in c.benchmarks)
     for bench in BENCHMARKS.values():
         assert bench.download and bench.columns and bench.metric_note
@@ -957,11 +958,13 @@ class FakeRegionModel(FakeModel):
 def test_region_captioning_passes_the_region_to_models_that_take_it(tmp_path):
     r = make_regcap(tmp_path)
     bench, loaded = load("refcocog-regcap", tmp_path)
-    assert loaded.items[0].meta["visual_prompt"] == {
-        "type": "box",
-        "box": [1.0, 2.0, 4.0, 6.0],
-    }  # xywh -> xyxy
-    assert loaded.items[1].meta["visual_prompt"]["type"] == "mask"  # OMG-LLaVA marks a region by its mask
+    assert loaded.items[0].visual_prompts == [
+        {
+            "type": "box",
+            "box": [1.0, 2.0, 4.0, 6.0],
+        }
+    ]  # xywh -> xyxy
+    assert loaded.items[1].visual_prompts[0]["type"] == "mask"  # OMG-LLaVA marks a region by its mask
     model = FakeRegionModel({"region": "a dog"})
     res = run_benchmark(model, bench, r, tmp_path / "out", RunOptions(progress=False, meteor=False))
     assert [prompt for _, prompt in model.seen][0] == [{"type": "box", "box": [1.0, 2.0, 4.0, 6.0]}]
@@ -982,7 +985,7 @@ def test_region_captioning_reaches_omg_llava_as_a_box_region(tmp_path, monkeypat
     from unillava.llm import EMBEDDED_DEFAULT
     from unillava.modeling import LlavaModel
     from unillava.omg import OMGLlavaModel
-    from unillava.perception import tiny_perception_config
+    from unillava.omg.perception import tiny_perception_config
     from unillava.testing import tiny_llama_config
 
     torch.manual_seed(0)

@@ -26,14 +26,13 @@ from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfi
 from unillava.conversation import Message, split_image_markers
 from unillava.errors import CheckpointError, ConfigError
 from unillava.hub import detect_layout, export_hf, load_model
-from unillava.hub.convllava import convert_timm_convnext, load_convnext_model
 from unillava.llm import EMBEDDED_DEFAULT
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
 from unillava.testing import tiny_llama_config
 from unillava.training.config import TrainConfig
 from unillava.vision import build_vision_tower
-from unillava.vision.convnext import ConvNeXtTower
+from unillava.vision.convnext import ConvNeXtTower, convert_timm_convnext, load_convnext_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEPTHS = [1, 2, 1, 1, 1]

@@ -11,7 +11,10 @@ from PIL import Image
 
 from unillava.config import ModelConfig, from_dict, load_yaml
 from unillava.conversation import IGNORE_INDEX, Encoded
-from unillava.data.dataset import (
+from unillava.errors import DataError
+from unillava.modeling import LlavaModel
+from unillava.processor import Processor
+from unillava.training.dataset import (
     ModalityLengthGroupedSampler,
     Status,
     SupervisedDataset,
@@ -19,9 +22,6 @@ from unillava.data.dataset import (
     supervised_tokens,
     truncate,
 )
-from unillava.errors import DataError
-from unillava.modeling import LlavaModel
-from unillava.processor import Processor
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage1.yaml"
 IMG = 99

@@ -510,7 +510,7 @@ def test_unrecognised_directories_say_what_they_hold(tmp_path):
 
 
 def test_cli_export(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["export_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [cli.export_cmd])
     bad = tmp_path / "bad"
     bad.mkdir()
     assert cli.main(["export", "--to", "hf", str(bad), str(tmp_path / "out")]) == 2

@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from omg_batches import seg_batch
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from unillava.conversation import Message, encode_segments, get_template, user_message
 from unillava.errors import ConfigError, UnillavaError
 from unillava.llm import EMBEDDED_DEFAULT
-from unillava.modeling import LlavaModel
-from unillava.omg import OMG_TOKENS, SEG_TOKEN, OMGLlavaModel, phrases_for_segs, seg_batch
-from unillava.perception import tiny_perception_config
+from unillava.modeling import LlavaModel, splice_image_features
+from unillava.omg import OMG_TOKENS, SEG_TOKEN, OMGLlavaModel, phrases_for_segs
+from unillava.omg.perception import tiny_perception_config
+from unillava.omg.tower import perception_prior
 from unillava.testing import tiny_llama_config
 from unillava.vision import build_vision_tower
-from unillava.vision.omg import perception_prior
 
 IMAGE_SIZE = 128  # stride 64 (ConvNeXt 32 x pixel shuffle 2): a 2 x 2 grid of pixel tokens
 
@@ -158,7 +159,7 @@ def test_prior_map_follows_the_released_order(image_size, grid):
 
 
 def test_pixel_tokens_use_the_released_channel_order():
-    from unillava.vision.omg import pixel_tokens
+    from unillava.omg.tower import pixel_tokens
 
     feature = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)  # C=2, 4 x 4
     tokens = pixel_tokens(feature)
@@ -209,6 +210,42 @@ def test_empty_object_slots_change_nothing(model):
 
     answers = InferenceModel(model).generate(["a", "b"], [[p] for p in pictures], max_new_tokens=3)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_tower_encode_batch_is_the_sequence_the_model_splices(model):
+    """`encode_batch` (so `VisionTower.forward` and `encode_images`) gives each image's LLM-space tokens,
+    pixel tokens then separator and object tokens, exactly as `prepare_inputs` splices them."""
+    pictures = _pictures()
+    batch, _ = model.processor.prompt_batch(
+        [[user_message("a", 1)] for _ in pictures], [[p] for p in pictures]
+    )
+    tower = model.vision_tower
+    hidden = model.language_model.get_input_embeddings().embedding_dim
+    with torch.no_grad():
+        stacked = tower.encode_batch(torch.stack(batch.images))
+        listed = tower(batch.images)
+        features, valid = tower.embed(batch.images, model.projector)
+        embeds, _, _, _ = model.prepare_inputs(batch.input_ids, batch.attention_mask, batch.images)
+        spliced = splice_image_features(
+            model.language_model.get_input_embeddings()(batch.input_ids),
+            batch.input_ids,
+            model.image_token_id,
+            model.encode_images(batch.images),
+        )
+    assert stacked.shape == (2, tower.num_tokens(IMAGE_SIZE, IMAGE_SIZE), hidden)
+    for row, (feature, mask) in enumerate(zip(features, valid, strict=True)):
+        assert torch.equal(stacked[row], feature) and torch.equal(listed[row], feature)
+        assert not feature[~mask].any()  # empty object slots: zeros, masked by the model
+    assert torch.equal(spliced, embeds)
+    assert "_projector" not in dict(tower.named_modules()) and not any(
+        k.startswith("vision_tower._projector") for k in model.state_dict()
+    )
+    bare = build_vision_tower(
+        VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=IMAGE_SIZE)
+    )
+    bare.attach_language_model(hidden)
+    with pytest.raises(ConfigError, match="attach_language_model"):
+        bare.encode_batch(torch.stack(batch.images))
 
 
 def test_save_and_load_give_the_omg_model(model, tmp_path):
@@ -283,7 +320,7 @@ def test_trainable_seg_decoder_copy_trains_alone(shapes_root, tmp_path):
 
 def test_prompts_outside_the_image_follow_the_stated_rule():
     from unillava.errors import DataError
-    from unillava.perception.prompts import prompt_region
+    from unillava.omg.perception.prompts import prompt_region
 
     clipped = prompt_region(
         {"type": "box", "box": [90, 50, -20, 500]}, 100, 60, 128
@@ -304,7 +341,7 @@ def test_prompts_outside_the_image_follow_the_stated_rule():
 
 
 def test_prompt_regions_in_the_input_frame():
-    from unillava.perception.prompts import deepest_point, prompt_region
+    from unillava.omg.perception.prompts import deepest_point, prompt_region
 
     box = prompt_region({"type": "box", "box": [0, 10, 50, 30]}, 100, 50, 100)  # padded by 25 px top
     assert box.region.sum() == 50 * 20 and box.region[35:55, 0:50].all()
@@ -347,24 +384,26 @@ def test_phrases_follow_seg_order():
 
 
 def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
-    from unillava.evaluation.metrics import decode_mask
+    from unillava.data.masks import decode_mask
+    from unillava.inference import InferenceModel
 
+    lm = InferenceModel(model)
     _force_answer(model, monkeypatch, "<p> red shape </p> [SEG] and <p> blue </p> [SEG].")
     pictures = _pictures()
-    result = model.segment(pictures[0], "Please segment the red shape in this image.")
+    result = lm.segment(pictures[0], "Please segment the red shape in this image.")
     assert result.text.count(SEG_TOKEN) == 2 and result.phrases == ["red shape", "blue"]
     assert [m.shape for m in result.masks] == [(90, 120), (90, 120)]
     assert result.plain_text == "red shape and blue."
-    outputs = model.generate_with_masks(
+    outputs = lm.generate_with_masks(
         [[user_message("segment", 1)]] * 2, [[p] for p in pictures], batch_size=2
     )
     assert len(outputs) == 2
     text, rles = outputs[1]
     assert len(rles) == 2 and decode_mask(rles[0]).shape == (64, 64)
     json.dumps(rles)
-    from unillava.inference import GenerationSettings
+    from unillava.generation import GenerationSettings
 
-    answer, masks = model.chat_pixels(
+    answer, masks = lm.chat_pixels(
         [user_message("segment", 1)],
         pictures[:1],
         [],
@@ -376,7 +415,7 @@ def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
         {"type": "box", "box": [10, 10, 60, 40], "label": 1, "image_index": 0},
         {"type": "point", "point": [5, 5], "label": 1, "image_index": 0},
     ]
-    answer, masks = model.chat_pixels(
+    answer, masks = lm.chat_pixels(
         [user_message("What is this?", 1)],
         pictures[:1],
         prompts,
@@ -387,14 +426,17 @@ def test_generate_with_masks_returns_text_masks_and_rle(model, monkeypatch):
 
 
 def test_markers_and_prompts_must_pair_up_and_no_seg_means_no_masks(model, monkeypatch):
+    from unillava.inference import InferenceModel
+
+    lm = InferenceModel(model)
     picture = _pictures()[0]
     box = {"type": "box", "box": [10, 10, 60, 40]}
     with pytest.raises(UnillavaError, match="1 <region>/<mark> marker"):
-        model.segment(picture, "What is in <region>?")
+        lm.segment(picture, "What is in <region>?")
     with pytest.raises(UnillavaError, match="2 <region>/<mark> marker"):
-        model.segment(picture, "Compare <region> and <region>.", visual_prompts=[box])
+        lm.segment(picture, "Compare <region> and <region>.", visual_prompts=[box])
     _force_answer(model, monkeypatch, "A red shape.")
-    result = model.segment(picture, "What is in <region>?", visual_prompts=[box])
+    result = lm.segment(picture, "What is in <region>?", visual_prompts=[box])
     assert result.text == "A red shape." and result.masks == [] and result.rles == []
 
 
@@ -540,7 +582,7 @@ def test_server_answers_with_masks_and_takes_visual_prompts(model, monkeypatch):
 
     import httpx
 
-    from unillava.evaluation.metrics import decode_mask
+    from unillava.data.masks import decode_mask
     from unillava.inference import InferenceModel
     from unillava.serving import ServerConfig, ServerThread, create_app
 

@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from omg_batches import seg_batch
 from unillava.cli import train_cmd
-from unillava.config import load_config
-from unillava.data.dataset import SupervisedDataset
+from unillava.config import ModelConfig, check_override_keys, load_config
+from unillava.data.shapes import generate_dataset
 from unillava.data.validate import validate_dataset
 from unillava.errors import DataError
 from unillava.modeling import LlavaModel
-from unillava.omg import OMGLlavaModel, seg_batch
+from unillava.omg import OMGLlavaModel
 from unillava.processor import Processor
 from unillava.testing import reset_accelerate_state
 from unillava.training import TrainConfig, Trainer, load_train_config
+from unillava.training.dataset import SupervisedDataset
 from unillava.training.trainer import LOG_NAME
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
@@ -30,8 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "fresh_accelerate_state
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from unillava.data.shapes import generate_dataset
-
     out = tmp_path_factory.mktemp("omg-train-shapes") / "data"
     generate_dataset(
         out,
@@ -75,7 +75,7 @@ def _records(shapes: Path, task: str) -> list[dict]:
 
 
 def _dataset(model: OMGLlavaModel, files: list[Path], shapes: Path, **kwargs) -> SupervisedDataset:
-    kwargs.setdefault("pixel_targets", True)
+    kwargs.setdefault("fields", model.batch_fields())
     return SupervisedDataset(
         files,
         Processor.for_model(model),
@@ -104,23 +104,30 @@ def test_collate_aligns_masks_and_prompts_with_their_rows(model, shapes):
     ]
     reference = seg_batch(model, wanted, shapes)
     assert len(wanted[2]["masks"]) >= 2  # order matters for this row
-    assert batch.seg_masks is not None and batch.visual_prompts is not None
-    assert batch.seg_masks[0] is None and batch.visual_prompts[1] is None and batch.visual_prompts[2] is None
+    assert set(batch.fields) == {"seg_masks", "visual_prompts"}
+    seg_masks, visual_prompts = batch.fields["seg_masks"], batch.fields["visual_prompts"]
+    assert seg_masks[0] is None and visual_prompts[1] is None and visual_prompts[2] is None
     for row in (1, 2):
-        assert torch.equal(batch.seg_masks[row], reference.seg_masks[row]), row
-    [region_prompt] = batch.visual_prompts[0]
+        assert torch.equal(seg_masks[row], reference.seg_masks[row]), row
+    [region_prompt] = visual_prompts[0]
     assert torch.equal(region_prompt.region, reference.visual_prompts[0][0].region)
     assert region_prompt.anchor == reference.visual_prompts[0][0].anchor
-    assert batch.num_masks == 1 + len(wanted[2]["masks"])
     seg_rows = (batch.input_ids == model.seg_token_id).sum(1).tolist()
     assert seg_rows == [0, 1, len(wanted[2]["masks"])]
+    inputs = batch.model_inputs()
+    counts = model.loss_counts(inputs)
+    assert counts["mask_bce"] == counts["mask_dice"] == 1 + len(wanted[2]["masks"])
     with torch.no_grad():
-        out = model(**batch.model_inputs(), loss_reduction="sum")
+        out = model(**inputs, loss_reduction="sum")
     assert math.isfinite(float(out.mask_bce)) and math.isfinite(float(out.mask_dice))
+    assert {name: part.count for name, part in out.loss_parts.items()} == counts
+    moved = batch.to("cpu")
+    assert moved.fields["visual_prompts"] == visual_prompts
+    assert all(torch.equal(a, b) for a, b in zip(moved.fields["seg_masks"][1:], seg_masks[1:], strict=True))
 
-    plain = _dataset(model, files, shapes, pixel_targets=False)  # LLaVA-1.5-style batches: unchanged
+    plain = _dataset(model, files, shapes, fields=None)  # LLaVA-1.5-style batches: unchanged
     batch = plain.collate([plain[region], plain[refseg]])
-    assert batch.seg_masks is None and batch.visual_prompts is None
+    assert batch.fields == {}
     assert set(batch.model_inputs()) == {"input_ids", "attention_mask", "images", "labels"}
 
 
@@ -135,8 +142,8 @@ def test_truncation_keeps_the_masks_of_the_seg_tokens_that_survive(model, shapes
     )  # keeps only the first [SEG]
     item = cut[index]
     assert item.encoded.input_ids.count(model.seg_token_id) == 1
-    assert torch.equal(item.seg_masks, full[index].seg_masks[:1])
-    assert cut.report.masks_dropped >= len(gcg[index]["masks"]) - 1
+    assert torch.equal(item.fields["seg_masks"], full[index].fields["seg_masks"][:1])
+    assert cut.report.dropped["seg_masks"] >= len(gcg[index]["masks"]) - 1
 
 
 # -- (d) malformed fields ---------------------------------------------------------------------------
@@ -281,8 +288,6 @@ def test_one_batch_of_two_equals_two_accumulated_micro_batches(stage1_dir, shape
 
 
 def test_model_overrides_errors_name_the_field(stage1_dir, shapes, tmp_path, capsys):
-    from unillava.config import ModelConfig, check_override_keys
-
     for recipe in (TINY / "omg-stage2.yaml", TINY.parent / "omg-llava-7b" / "stage2.yaml"):
         overrides = load_config(TrainConfig, recipe).model_overrides
         assert check_override_keys(ModelConfig, overrides, "model_overrides") == {

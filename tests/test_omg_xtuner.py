@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from unillava.errors import CheckpointError
 from unillava.hub import load_model
-from unillava.hub.omg_xtuner import REPORT_NAME, convert_segmenter, convert_xtuner_checkpoint, split_wqkv
 from unillava.omg import OMGLlavaModel
+from unillava.omg.converter import REPORT_NAME, convert_segmenter, convert_xtuner_checkpoint, split_wqkv
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -669,7 +669,7 @@ def test_visual_prompts_use_the_released_prompt_queries(released, converted):
     """Box, point and mask prompts through the converted segmenter against OMG-Seg's own prompt forward:
     the query start from pb_embedding / mask_tokens / pos_linear, a box limiting the query's predicted
     mask, a point unrestricted, a mask prompt the only place the query looks."""
-    from unillava.perception.prompts import encode_prompts, prompt_region
+    from unillava.omg.perception.prompts import encode_prompts, prompt_region
 
     _, model = converted
     perception = model.vision_tower.perception

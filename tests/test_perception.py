@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unillava.perception import (
+from unillava.omg.perception import (
     PadGeometry,
     PerceptionModel,
     evaluate_segmenter,
@@ -17,7 +17,7 @@ from unillava.perception import (
     tiny_perception_config,
     train_segmenter,
 )
-from unillava.perception.matching import linear_sum_assignment
+from unillava.omg.perception.matching import linear_sum_assignment
 
 IMAGE_SIZE = 64
 
@@ -206,8 +206,8 @@ def test_best_query_iou_is_one_for_a_segmenter_that_outputs_the_truth(shapes_roo
     their classes, while a segmenter with only empty masks gets 0."""
     from types import SimpleNamespace
 
-    from unillava.data.shapes import decode_mask
-    from unillava.perception.geometry import PadGeometry
+    from unillava.data.masks import decode_mask
+    from unillava.omg.perception.geometry import PadGeometry
 
     samples, _ = load_instances(shapes_root, "test")
 

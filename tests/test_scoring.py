@@ -131,7 +131,7 @@ def test_score_files_reads_directory_and_cli(tmp_path: Path, monkeypatch: pytest
     assert out["metrics"]["accuracy"] == 0.5
     assert out["ann_file"].endswith("fine_count.jsonl")
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["score_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [cli.score_cmd])
     assert cli.main(["score", "--task", "fine_count", "--pred", str(pred), "--ann", str(ann_dir)]) == 0
     written = json.loads((tmp_path / "run" / "results_fine_count.json").read_text())
     assert written["metrics"]["accuracy"] == 0.5 and written["counts"]["missing"] == 0

@@ -19,12 +19,19 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 
 import unillava
-from unillava.evaluation.metrics import decode_mask, to_rle
+from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from unillava.data.masks import decode_mask, to_rle
 from unillava.inference import InferenceModel
+from unillava.llm import EMBEDDED_DEFAULT
+from unillava.modeling import LlavaModel
+from unillava.omg import OMGLlavaModel
+from unillava.omg.perception import tiny_perception_config
 from unillava.serving import ServerConfig, ServerThread, create_app
+from unillava.testing import tiny_llama_config
 
 MODEL = "tiny"
 KEY = "sekret"
@@ -99,7 +106,7 @@ class FakeSegmenter(InferenceModel):
     supports_visual_prompts = True
     supports_segmentation = True
 
-    def chat_pixels(self, conversation, images, visual_prompts, *, settings, return_masks):
+    def answer_pixels(self, encoded, pixels, images, visual_prompts, *, settings, return_masks):
         width, height = images[-1].size
         box = next(
             (p["box"] for p in visual_prompts if p["type"] == "box"),
@@ -555,6 +562,52 @@ def test_pixel_prompts_are_validated(pixel):
             assert response.json()["error"]["param"] == param
         else:
             assert "masks" not in response.json()["choices"][0]["message"]
+
+
+def test_a_masks_request_is_encoded_once_and_answered_on_that_prompt(monkeypatch):
+    """A real (tiny) OMG-LLaVA behind the server: the conversation is encoded once, on admission, with a
+    marker appended for the box prompt, and the model answers on exactly that prompt."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vision=VisionConfig(type="omg", hf_config=tiny_perception_config(), image_size=128),
+        projector=ProjectorConfig(),
+        llm=LLMConfig(pretrained=None, tokenizer=EMBEDDED_DEFAULT, hf_config=tiny_llama_config()),
+        max_length=512,
+    )
+    omg = LlavaModel.from_config(config).eval()
+    tokenizer = omg.tokenizer
+    answer = tokenizer("<p> it </p> [SEG].", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    seen: list[tuple[list[int], Any]] = []
+
+    def scripted(self, input_ids, attention_mask=None, images=None, visual_prompts=None, **kwargs):
+        seen.append((input_ids[0].tolist(), visual_prompts))  # a random tiny LM never says [SEG] itself
+        return torch.tensor([answer] * input_ids.shape[0])
+
+    monkeypatch.setattr(OMGLlavaModel, "generate", scripted)
+    lm = InferenceModel(omg)
+    encoded: list[Any] = []
+    encode = lm.processor.encode
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        encoded.append(encode(*args, **kwargs))
+        return encoded[-1]
+
+    monkeypatch.setattr(lm.processor, "encode", counted)
+    body = {
+        "model": MODEL,
+        "messages": image_message("What is in the box?", data_url(png_bytes(120, 90))),
+        "return_masks": True,
+        "visual_prompts": [{"type": "box", "box": [10, 10, 60, 40]}],
+    }
+    with ServerThread(create_app(lm, ServerConfig(model_name=MODEL, threads=1))) as running:
+        reply = httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert len(encoded) == 1, "the server encoded the request more than once"
+    [(ids, regions)] = seen
+    assert ids == encoded[0].input_ids and ids.count(omg.token_ids["<region>"]) == 1
+    assert [len(row) for row in regions] == [1]
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    [mask] = reply["choices"][0]["message"]["masks"]
+    assert mask["phrase"] == "it" and decode_mask(mask["segmentation"]).shape == (90, 120)
 
 
 def test_serve_command_checks_its_flags(chatty_model_dir, capsys):

@@ -13,16 +13,14 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import unillava.cli as cli
-from unillava.data.shape_tasks import (
-    GCG_PROMPT,
-    JSONL_TASKS,
-    MC_PROMPT,
-    SHORT_PROMPT,
-    expression_text,
-    resolve_expression,
-)
-from unillava.data.shapes import SceneSpec, decode_mask, encode_local_mask, generate_dataset, render_scene
+from unillava.data.masks import decode_mask, encode_local_mask
+from unillava.data.shapes import SceneSpec, generate_dataset, render_scene
+from unillava.data.shapes.tasks import JSONL_TASKS, expression_text, resolve_expression
 from unillava.errors import DataError
+from unillava.prompts import GCG_PROMPT, PROMPT_LETTER, PROMPT_SHORT
+
+SHORT_PROMPT = "\n" + PROMPT_SHORT  # on its own line after the question, as in LLaVA-1.5's data
+MC_PROMPT = "\n" + PROMPT_LETTER
 
 SMALL = {"min_size": 96, "max_size": 224, "aspect_range": (0.6, 1.8)}
 
@@ -312,7 +310,7 @@ def test_pope_is_balanced(dataset: Path, scenes: dict) -> None:
 @pytest.fixture()
 def data_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only this module's command, so these tests do not depend on other commands importing."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["data_cmd"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [cli.data_cmd])
 
 
 @pytest.mark.parametrize(

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
 
 from unillava.cli import COMMAND_MODULES, train_cmd
 from unillava.config import load_config
 from unillava.errors import ConfigError
-from unillava.modeling import LlavaModel
+from unillava.modeling import TEXT_LOSS, LlavaModel, LossPart
 from unillava.testing import reset_accelerate_state
 from unillava.training import TrainConfig, Trainer, check_qlora_support, load_train_config
 from unillava.training import checkpoint as ckpt
@@ -103,10 +104,57 @@ def test_training_log_reports_the_data_policy(stage1: dict) -> None:
     assert set(step) >= {"step", "loss", "lr", "samples_per_s", "supervised_tokens", "epoch"}
 
 
+def test_trainer_logs_every_loss_part_the_model_returns(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part the trainer has never heard of (a per-image projector penalty, weight 0.5) is trained with
+    its global count and logged under its name next to `text_ce`, over 2 accumulated micro-batches."""
+    trainer = _trainer(
+        "stage1.yaml",
+        data,
+        tmp_path,
+        "captions.jsonl",
+        "max_steps=2",
+        "log_every=1",
+        "per_device_batch_size=2",
+        "global_batch_size=4",
+    )
+    assert trainer.grad_accum == 2
+    model = trainer.model
+    plain_forward, plain_counts = model.forward, model.loss_counts
+
+    def penalty() -> torch.Tensor:
+        return sum(p.float().pow(2).sum() for p in model.projector.parameters())
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        images = len(kwargs["images"])
+        out.loss_parts["projector_penalty"] = LossPart(penalty() * images, images, 0.5)
+        return out
+
+    def loss_counts(inputs):
+        return {**plain_counts(inputs), "projector_penalty": len(inputs["images"])}
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(model, "loss_counts", loss_counts)
+    before = float(penalty().detach())
+    result = trainer.train()
+    assert result.metrics[1]["projector_penalty"] == pytest.approx(before, rel=1e-5)
+    logged = [json.loads(line) for line in (tmp_path / LOG_NAME).read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for record in steps:
+        assert {TEXT_LOSS, "projector_penalty"} <= set(record)
+        assert record["loss"] == pytest.approx(
+            record[TEXT_LOSS] + 0.5 * record["projector_penalty"], rel=1e-6
+        )
+        assert record["loss"] == pytest.approx(result.losses[record["step"]])
+    # the penalty's gradient shrank the projector between the steps
+    assert steps[1]["projector_penalty"] < steps[0]["projector_penalty"]
+
+
 def _lora_model(base_dir: Path, model_dir: Path) -> LlavaModel:
     """Base model + the saved adapter + the saved non-LoRA weights: the unmerged LoRA model."""
-    from peft import PeftModel
-
     model = LlavaModel.from_pretrained(base_dir)
     model.language_model = PeftModel.from_pretrained(model.language_model, model_dir / ADAPTER_DIR)
     others = load_file(str(model_dir / ADAPTER_DIR / NON_LORA_NAME))
@@ -344,7 +392,7 @@ def test_config_errors_name_the_field(data: Path, tmp_path: Path, capsys: pytest
         reset_accelerate_state()
     assert train_cmd.main([str(TINY / "stage1.yaml"), *base, "--resume"]) == 2
     assert "resume: no complete checkpoint" in capsys.readouterr().err
-    assert "train_cmd" in COMMAND_MODULES
+    assert train_cmd in COMMAND_MODULES
 
 
 def test_global_batch_semantics() -> None:

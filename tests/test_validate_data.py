@@ -15,8 +15,8 @@ from unillava.data.validate import Problem, validate_dataset
 @pytest.fixture(autouse=True)
 def _only_this_command(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build the parser from this command alone, so a sibling command's import cannot break these tests."""
-    assert "validate_cmd" in cli.COMMAND_MODULES
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["validate_cmd"])
+    assert cli.validate_cmd in cli.COMMAND_MODULES
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [cli.validate_cmd])
 
 
 def _turns(question: str = "<image>\nWhat is it?", answer: str = "A cat.") -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import unillava
-from unillava.evaluation.metrics import to_rle
+from unillava.data.masks import to_rle
 from unillava.inference import InferenceModel
 from unillava.serving import ServerConfig, ServerThread, create_app
 
@@ -47,7 +47,7 @@ class FakeSegmenter(InferenceModel):
     supports_visual_prompts = True
     supports_segmentation = True
 
-    def chat_pixels(self, conversation, images, visual_prompts, *, settings, return_masks):
+    def answer_pixels(self, encoded, pixels, images, visual_prompts, *, settings, return_masks):
         width, height = images[-1].size
         box = next((p["box"] for p in visual_prompts if p["type"] == "box"), [0, 0, width // 2, height // 2])
         x0, y0, x1, y1 = (int(round(v)) for v in box)

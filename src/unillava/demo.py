@@ -1,13 +1,14 @@
 """The main job: build a small LLaVA on the embedded default LLM, train it on procedural scenes, evaluate it.
 
-Default preset, all on the CPU: torchvision's ImageNet MobileNetV2 (a real pretrained tower, frozen, its
-features cached per image) + an MLP projector + SmolLM2-135M-Instruct. Stage 1 aligns the projector to the
-frozen LLM on captions; stage 2 trains the projector and LoRA adapters on the LLM over short-answer VQA,
-multiple choice, POPE and captions, the questions about one image merged into one multi-turn conversation
-(as LLaVA-1.5's VQA data is). The trained difference (projector, LoRA, the image token's row) is exported
-compactly, then the test split, from a scene seed never used in training, is scored three times: with
-each question's own image, a blank grey image and another test image (the image ablation: how much of
-each score comes from seeing).
+Default preset, all on the CPU: torchvision's ImageNet MobileNetV2 (`mobilenet_v2`, a real pretrained
+tower, frozen, its stride-16 block 13 read and its features cached per image) + an `mlp2x_gelu` projector +
+SmolLM2-135M-Instruct. Stage 1 aligns the projector to the frozen LLM on captions; stage 2 trains the
+projector and LoRA adapters on the LLM over short-answer VQA, multiple choice, POPE and captions, one
+question per conversation (a preset's `turns` > 1 merges the questions about one image into one multi-turn
+conversation, as LLaVA-1.5's VQA data is; `tiny` does). The trained difference (projector, LoRA, the image
+token's row) is exported compactly, then the test split, from a scene seed never used in training, is
+scored three times: with each question's own image, a blank grey image and another test image (the image
+ablation: how much of each score comes from seeing).
 
 The `convnext` and `clip` presets train their towers from scratch: the baseline that shows why a
 pretrained tower matters (README, "Demo"). `tiny` runs the default's code path in seconds for tests, on
@@ -327,7 +328,7 @@ def run_demo(
             images_from=images,
         )
     timings["eval"] = time.perf_counter() - start
-    print_summary(evaluations["own"]["tasks"])
+    print_summary(evaluations["own"])
 
     report = {
         "preset": preset_name,

@@ -1,10 +1,11 @@
-"""Inference: `unillava.load(path)` gives an `InferenceModel` with batched `generate` and streaming `chat`."""
+"""Inference: `unillava.load(path)` gives an `InferenceModel` with batched `generate` and streaming `chat`,
+and for pixel-level models (OMG-LLaVA) `segment`, `generate_with_masks` and the server's `answer_pixels`
+(run by `unillava.segmentation`). Decoding settings and stop strings: `unillava.generation`."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
-from unillava.conversation import TEMPLATE_NAMES, ImageSlot, Message, user_message
+from unillava.conversation import TEMPLATE_NAMES, Encoded, ImageSlot, Message, user_message
 from unillava.data.images import load_image
 from unillava.decoding import (
     HANDLED_GENERATE_KWARGS,
@@ -22,8 +23,12 @@ from unillava.decoding import (
     lora_factors,
 )
 from unillava.errors import UnillavaError
+from unillava.generation import GenerationSettings, autocast, cut_at_stop, encode_prompt, seed_sampling
+from unillava.hub import load_model
 from unillava.modeling import LlavaModel
+from unillava.omg import OMGLlavaModel
 from unillava.processor import Processor
+from unillava.segmentation import SegmentationResult, Segmenter, with_prompt_markers
 
 ImageInput = str | Path | Image.Image
 
@@ -32,40 +37,6 @@ def _as_image(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     return load_image(image)
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-    def generate_kwargs(self, processor: Processor) -> dict[str, Any]:
-        if self.max_new_tokens < 1:
-            raise UnillavaError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UnillavaError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UnillavaError(f"top_p must be in (0, 1], got {self.top_p}")
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "eos_token_id": processor.stop_token_ids,
-            "pad_token_id": processor.tokenizer.pad_token_id,
-        }
-        if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if self.stop:
-            kwargs.update(stop_strings=list(self.stop), tokenizer=processor.tokenizer)
-        return kwargs
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
 
 
 def messages_from_openai(messages: Sequence[dict[str, Any]]) -> tuple[list[Message], list[Any]]:
@@ -124,6 +95,7 @@ class InferenceModel:
         self.model = model.eval()
         self.processor = processor or Processor.for_model(model)
         self.decoder: FastDecoder | None = None
+        self._segmenter: Segmenter | None = None
         self.decode_path = self._choose_decoder(fast, quantize)
 
     def _choose_decoder(self, fast: bool, quantize: str) -> str:
@@ -171,30 +143,113 @@ class InferenceModel:
         """True for models whose `<region>`/`<mark>` tokens take box / point / mask prompts (OMG-LLaVA)."""
         return bool(getattr(self.model, "supports_visual_prompts", False))
 
-    def generate_with_masks(
-        self, conversations: Sequence[list[Message]], images: Sequence[Sequence[ImageInput]], **kwargs: Any
-    ) -> list[tuple[str, list[dict[str, Any]]]]:
-        """(text, masks as COCO RLE) per conversation, for models that segment."""
-        if not self.supports_segmentation:
-            raise UnillavaError("this model does not segment: it has no [SEG] decoder")
-        return self.model.generate_with_masks(conversations, images, **kwargs)
+    @property
+    def segmenter(self) -> Segmenter | None:
+        """What runs a pixel-level model (OMG-LLaVA) for text and masks; None for other models."""
+        if self._segmenter is None and isinstance(self.model, OMGLlavaModel):
+            self._segmenter = Segmenter(self.model, self.processor)
+        return self._segmenter
 
-    def _autocast(self):
-        enabled = self.model.dtype == torch.bfloat16
-        return torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=enabled)
+    def _require_segmenter(self) -> Segmenter:
+        if self.segmenter is None:
+            raise UnillavaError("this model does not segment: it has no [SEG] decoder")
+        return self.segmenter
+
+    @property
+    def answers_pixels(self) -> bool:
+        """Whether `answer_pixels` can run: the model decodes [SEG] itself, or a subclass brings the hook."""
+        return self.segmenter is not None or type(self).answer_pixels is not InferenceModel.answer_pixels
+
+    def segment(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        visual_prompts: Sequence[Mapping[str, Any]] | None = None,
+    ) -> SegmentationResult:
+        """One image and one prompt -> the answer and a mask per [SEG] (`Segmenter.segment`)."""
+        return self._require_segmenter().segment(
+            _as_image(image), prompt, max_new_tokens=max_new_tokens, visual_prompts=visual_prompts
+        )
+
+    def generate_with_masks(
+        self,
+        conversations: Sequence[list[Message]],
+        images: Sequence[Sequence[ImageInput]],
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        progress: Any = None,
+        visual_prompts: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
+    ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """The benchmark runner's hook: (text, masks as COCO RLE dicts) per conversation, `batch_size` at
+        a time (images are loaded per batch); `visual_prompts` (per conversation, None for none) fill the
+        `<region>`/`<mark>` markers of region tasks."""
+        segmenter = self._require_segmenter()
+        out: list[tuple[str, list[dict[str, Any]]]] = []
+        for start in range(0, len(conversations), batch_size):
+            chunk = slice(start, start + batch_size)
+            pictures = [[_as_image(im) for im in entry] for entry in images[chunk]]
+            results = segmenter.generate_results(
+                conversations[chunk],
+                pictures,
+                max_new_tokens=max_new_tokens,
+                visual_prompts=None if visual_prompts is None else visual_prompts[chunk],
+            )
+            out += [(result.text, result.rles) for result in results]
+            if progress is not None:
+                progress.update(len(pictures))
+        return out
+
+    def chat_pixels(
+        self,
+        conversation: list[Message],
+        images: Sequence[ImageInput],
+        visual_prompts: Sequence[Mapping[str, Any]],
+        *,
+        settings: GenerationSettings,
+        return_masks: bool,
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """A pixel-level reply to a conversation: its prompts' markers appended when the text has none
+        ("region1 <region>", "point1 <mark>"), encoded, then answered by `answer_pixels`."""
+        if visual_prompts:
+            conversation = with_prompt_markers(conversation, visual_prompts)
+        pictures = [_as_image(im) for im in images]
+        encoded, pixels = encode_prompt(self.processor, conversation, pictures)
+        return self.answer_pixels(
+            encoded, pixels, pictures, visual_prompts, settings=settings, return_masks=return_masks
+        )
+
+    def answer_pixels(
+        self,
+        encoded: Encoded,
+        pixels: list[torch.Tensor],
+        images: Sequence[Image.Image],
+        visual_prompts: Sequence[Mapping[str, Any]],
+        *,
+        settings: GenerationSettings,
+        return_masks: bool,
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """The server's pixel-level hook (docs/serving.md), given the prompt it already encoded: the
+        greedy answer (up to `settings.max_new_tokens`) and, with `return_masks`, one mask per [SEG]
+        ({"mask": bool H x W, "phrase", "score", "image_index"}). Prompts fill the `<region>`/`<mark>`
+        tokens of `encoded` in order."""
+        return self._require_segmenter().answer_pixels(
+            encoded, pixels, images, visual_prompts, settings=settings, return_masks=return_masks
+        )
 
     def _answer_text(self, new_ids: torch.Tensor, gen: GenerationSettings) -> str:
         """Generated ids -> the answer: special tokens dropped, cut at the first stop string."""
-        return _cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), gen.stop).strip()
+        return cut_at_stop(self.tokenizer.decode(new_ids, skip_special_tokens=True), gen.stop).strip()
 
     def _run(
         self, conversations: list[list[Message]], images: list[list[Image.Image]], settings, streamer=None
     ):
         batch, _ = self.processor.prompt_batch(conversations, images)
         batch = batch.to(self.model.device)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        with torch.inference_mode(), self._autocast():
+        seed_sampling(settings.seed)
+        with torch.inference_mode(), autocast(self.model):
             return self.generate_ids(
                 batch.input_ids,
                 batch.attention_mask,
@@ -301,7 +356,7 @@ class InferenceModel:
         emitted = ""
         for piece in streamer:
             if gen.stop:
-                candidate = _cut_at_stop(emitted + piece, gen.stop)
+                candidate = cut_at_stop(emitted + piece, gen.stop)
                 if len(candidate) < len(emitted + piece):
                     yield candidate[len(emitted) :]
                     break
@@ -333,8 +388,6 @@ def load(
 
     The prompt format is the checkpoint's own (docs/templates.md); `template` overrides it by name.
     `fast` and `quantize` choose the decoding path (`InferenceModel`)."""
-    from unillava.hub import load_model
-
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise UnillavaError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")

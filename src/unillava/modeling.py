@@ -7,15 +7,15 @@ each image's feature sequence and the positions of its image tokens.
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AddedToken, AutoTokenizer
@@ -23,6 +23,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from unillava.config import LLMConfig, ModelConfig, from_dict, override_dataclass
 from unillava.conversation import IGNORE_INDEX, resolve_template_name
+from unillava.data.images import ImagePreprocessor
+from unillava.data.llava_format import Sample
 from unillava.errors import CheckpointError
 from unillava.llm import build_language_model_from_config, load_language_model
 from unillava.projector import build_projector
@@ -34,19 +36,24 @@ CONFIG_NAME = "unillava_config.json"
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_DIR = "adapter"  # a LoRA run's adapter, beside its merged weights
 FORMAT_VERSION = 1
+TEXT_LOSS = "text_ce"  # the loss part every model has: next-token cross-entropy per supervised token
 
-# Towers whose models need more than the core (OMG's [SEG] head): vision type -> "module:Class", imported
-# only when such a model is built, so loading a checkpoint picks the right class from its config alone.
-MODEL_CLASSES: dict[str, str] = {"omg": "unillava.omg:OMGLlavaModel"}
+# Designs whose models need more than the core (OMG's [SEG] head) register their class under their tower
+# type, so loading a checkpoint picks the right class from its config alone.
+MODEL_CLASSES: dict[str, type[LlavaModel]] = {}
+
+
+def register_model_class(tower_type: str) -> Callable[[type[LlavaModel]], type[LlavaModel]]:
+    def decorate(cls: type[LlavaModel]) -> type[LlavaModel]:
+        MODEL_CLASSES[tower_type] = cls
+        return cls
+
+    return decorate
 
 
 def model_class_for(config: ModelConfig) -> type[LlavaModel]:
     """The class a config builds: the core `LlavaModel` unless its tower type names a specialisation."""
-    target = MODEL_CLASSES.get(config.vision.type)
-    if target is None:
-        return LlavaModel
-    module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    return MODEL_CLASSES.get(config.vision.type, LlavaModel)
 
 
 def splice_image_features(
@@ -69,6 +76,55 @@ def splice_image_features(
         return inputs_embeds
     flat = torch.cat(features, dim=0).to(inputs_embeds.dtype)
     return inputs_embeds.masked_scatter(positions.unsqueeze(-1), flat)
+
+
+class LossPart(NamedTuple):
+    """One named term of the training loss over one micro-batch: its sum, the count it is a mean over
+    (supervised tokens, masks, images) and its weight. The trainer sums totals and counts over the whole
+    global batch, so the step trains sum_p weight_p * total_p / count_p however the batch is split."""
+
+    total: torch.Tensor
+    count: int
+    weight: float = 1.0
+
+
+@dataclass
+class LlavaOutput(CausalLMOutputWithPast):
+    """The LM output plus, under `loss_reduction="sum"`, the loss's named parts: what the trainer trains
+    and logs, so it needs no knowledge of any model's losses."""
+
+    loss_parts: dict[str, LossPart] | None = None
+
+
+class BatchFields:
+    """A model's per-record training inputs beyond ids, labels and images; the core model has none.
+
+    The training dataset calls these instead of knowing any model design: `check` once, `kept` while it
+    plans (a field's entries are tied to tokens, so truncation may drop some), `build` when a sample
+    loads; collate then passes each field per row (None for a row whose record lacks it) to the forward
+    under its name in `names`.
+    """
+
+    names: tuple[str, ...] = ()
+
+    def check(self, tokenizer: Any, preprocessor: ImagePreprocessor) -> None:
+        """Refuse (ConfigError) a tokenizer or image preprocessing the fields cannot be built with."""
+
+    def kept(self, sample: Sample, input_ids: Sequence[int]) -> dict[str, tuple[int, int]]:
+        """Per field the record has: (its entries, how many of them the kept ids still hold tokens for)."""
+        return {}
+
+    def build(
+        self, sample: Sample, kept: Mapping[str, int], image_sizes: Sequence[tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Per field in `kept`, the forward input built from the record's first `kept[name]` entries;
+        `image_sizes` are the sample's (width, height) before preprocessing."""
+        return {}
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Tokens that contribute to the causal-LM loss (labels are shifted by one inside the loss)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 class LlavaModel(nn.Module):
@@ -155,8 +211,6 @@ class LlavaModel(nn.Module):
         """The pretrained tower and LLM as a run held them: parameters in `base_dtype` (buffers, such as
         RoPE's, keep full precision), the LoRA `adapter` merged in that dtype. Also returns the LLM's
         vocabulary size before the model's tokens were added (a compact directory stores the new rows)."""
-        from peft import PeftModel  # peft imports slowly; only compact models need it here
-
         config.vision.pretrained = sources["vision"]
         tower = build_vision_tower(config.vision)
         language_model, _ = load_language_model(LLMConfig(pretrained=sources["llm"]))
@@ -256,6 +310,16 @@ class LlavaModel(nn.Module):
             raise ValueError("the vision tower trains, so its features cannot be cached")
         self.feature_cache = FeatureCache.for_tower(self.vision_tower) if enable else None
 
+    def batch_fields(self) -> BatchFields:
+        """What the training dataset adds to each sample and batch for this model: nothing here."""
+        return BatchFields()
+
+    def loss_counts(self, inputs: Mapping[str, Any]) -> dict[str, int]:
+        """Each loss part's count for one batch of forward inputs (with labels), known before the forward:
+        the trainer sums them over the global batch to scale every micro-batch's backward. The keys are
+        the same for every batch, whichever parts its forward returns."""
+        return {TEXT_LOSS: supervised_tokens(inputs["labels"])}
+
     def encode_images(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         """Per-image projected features, each (tokens_i, llm_hidden)."""
         if self.feature_cache is not None:
@@ -279,8 +343,9 @@ class LlavaModel(nn.Module):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """With `loss_reduction="sum"` (training), logits are computed only where a label is supervised and
-        `loss` is the summed next-token cross-entropy in float32; `logits` is then None. That skips the
-        vocabulary projection of every prompt and image position, a large share of a small LLM's compute.
+        `loss` is the summed next-token cross-entropy in float32, also given as `loss_parts["text_ce"]`;
+        `logits` is then None. That skips the vocabulary projection of every prompt and image position, a
+        large share of a small LLM's compute.
         """
         inputs_embeds = self.embed_inputs(input_ids, images)
         if loss_reduction is None:
@@ -292,8 +357,8 @@ class LlavaModel(nn.Module):
         hidden = self.language_model.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
         ).last_hidden_state
-        loss, _ = supervised_token_loss(self.language_model, hidden, labels, "sum")
-        return CausalLMOutputWithPast(loss=loss)
+        loss, count = supervised_token_loss(self.language_model, hidden, labels, "sum")
+        return LlavaOutput(loss=loss, loss_parts={TEXT_LOSS: LossPart(loss, count)})
 
     @torch.no_grad()
     def generate(

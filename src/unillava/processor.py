@@ -34,16 +34,13 @@ class PromptTooLongError(UnillavaError):
 
 @dataclass
 class Batch:
-    """Padded ids, mask, labels and the flat image list; `seg_masks` / `visual_prompts` (OMG-LLaVA's
-    per-row [SEG] targets and prompt regions, a row None when its record has none) only when the data
-    carries them, so other models' batches and forward calls are unchanged."""
+    """Padded ids, mask, labels and the flat image list. A model's extra training inputs (OMG-LLaVA's
+    [SEG] targets) travel beside it in `unillava.training.dataset.TrainBatch`."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None
     images: list[torch.Tensor]
-    seg_masks: list[torch.Tensor | None] | None = None
-    visual_prompts: list[list[Any] | None] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -51,29 +48,13 @@ class Batch:
             self.attention_mask.to(device),
             None if self.labels is None else self.labels.to(device),
             [image.to(device) for image in self.images],
-            None if self.seg_masks is None else [None if m is None else m.to(device) for m in self.seg_masks],
-            self.visual_prompts,
         )
 
-    @property
-    def num_masks(self) -> int:
-        """[SEG] targets in the batch: the denominator of its mean mask losses."""
-        return sum(len(m) for m in self.seg_masks or [] if m is not None)
-
-    def pixel_inputs(self) -> dict[str, Any]:
-        """The forward arguments for pixel-level targets, only those the batch has."""
-        inputs: dict[str, Any] = {}
-        if self.seg_masks is not None:
-            inputs["seg_masks"] = self.seg_masks
-        if self.visual_prompts is not None:
-            inputs["visual_prompts"] = self.visual_prompts
-        return inputs
-
-    def model_inputs(self) -> dict:
+    def model_inputs(self) -> dict[str, Any]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "images": self.images}
         if self.labels is not None:
             inputs["labels"] = self.labels
-        return {**inputs, **self.pixel_inputs()}
+        return inputs
 
 
 class Processor:

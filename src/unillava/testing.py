@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from accelerate.state import AcceleratorState, GradientState
+
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from unillava.llm import EMBEDDED_DEFAULT
 
@@ -47,7 +49,5 @@ def tiny_model_config(template: str = "auto", projector: str = "mlp2x_gelu", **v
 def reset_accelerate_state() -> None:
     """Forget accelerate's process-wide state (mixed precision, gradient accumulation), so the next
     Trainer in the same process (tests, notebooks) starts from scratch."""
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

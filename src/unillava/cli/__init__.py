@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from unillava.cli import (
+    convert_cmd,
+    data_cmd,
+    demo_cmd,
+    eval_cmd,
+    export_cmd,
+    generate_cmd,
+    score_cmd,
+    segment_cmd,
+    serve_cmd,
+    train_cmd,
+    validate_cmd,
+)
 from unillava.errors import UnillavaError
 
-# Modules under unillava.cli that define `register(subparsers)`; each adds one or more commands.
+# Each module adds one or more commands with `register(subparsers)`, in this order in `--help`.
 COMMAND_MODULES = [
-    "data_cmd",
-    "score_cmd",
-    "generate_cmd",
-    "validate_cmd",
-    "eval_cmd",
-    "demo_cmd",
-    "export_cmd",
-    "convert_cmd",
-    "train_cmd",
-    "serve_cmd",
-    "segment_cmd",
+    data_cmd,
+    score_cmd,
+    generate_cmd,
+    validate_cmd,
+    eval_cmd,
+    demo_cmd,
+    export_cmd,
+    convert_cmd,
+    train_cmd,
+    serve_cmd,
+    segment_cmd,
 ]
 
 
@@ -29,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unillava", description="LLaVA-family multimodal models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"unillava.cli.{name}").register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

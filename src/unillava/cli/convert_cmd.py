@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from unillava.omg.converter import convert_xtuner_checkpoint
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -56,10 +60,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_omg_xtuner(args: argparse.Namespace) -> int:
     """Convert and print what was written and what was not loaded."""
-    import torch
-
-    from unillava.hub.omg_xtuner import convert_xtuner_checkpoint
-
     result = convert_xtuner_checkpoint(
         args.pth,
         args.out,

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from unillava.data.shapes import generate_dataset
 from unillava.errors import DataError
 
 
@@ -21,8 +22,6 @@ def _parse_aspect(text: str) -> tuple[float, float]:
 
 
 def _run_shapes(args: argparse.Namespace) -> int:
-    from unillava.data.shapes import generate_dataset
-
     manifest = generate_dataset(
         args.out,
         args.n,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from unillava.demo import run_demo
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -16,7 +18,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unillava.demo import run_demo
-
     run_demo(args.out, args.preset, args.seed)
     return 0

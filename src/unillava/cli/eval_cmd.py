@@ -8,9 +8,9 @@ from pathlib import Path
 from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
-
-# Kept here (not imported) so building the parser stays cheap; checked against the registry at run time.
-BENCHMARK_SUITES = ("llava-1.5", "convllava", "omg-llava")
+from unillava.evaluation.benchmarks import SUITES, task_benchmarks
+from unillava.evaluation.runner import IMAGE_SOURCES, RunOptions, print_summary, resolve, run_benchmarks
+from unillava.inference import load
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group.add_argument(
         "--suite",
-        choices=["shapes", *BENCHMARK_SUITES],
+        choices=list(SUITES),
         help="every task of the shapes suite, or every benchmark of a paper whose data exists",
     )
     parser.add_argument(
@@ -57,16 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--images",
         default="own",
-        choices=["own", "blank", "other"],
+        choices=list(IMAGE_SOURCES),
         help="tasks: the image ablation: ask the same questions about a grey image (blank) or "
         "another record's image (other); default each record's own image",
     )
     parser.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="benchmarks: evaluate the rest when some records are invalid (they are counted and listed)",
+        help="evaluate the rest when some records are invalid (they are counted and listed)",
     )
-    parser.add_argument("--no-meteor", action="store_true", help="benchmarks: skip METEOR (needs Java)")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     parser.add_argument(
         "--judge-endpoint",
         default=None,
@@ -77,62 +77,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every selection (tasks, benchmarks, a suite) runs through `run_benchmarks`; the shapes tasks keep their
+    own default split (test) and output folder (MODEL/eval-SPLIT[-IMAGES-image])."""
     if args.limit is not None and args.limit < 1:
         raise UnillavaError("--limit must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UnillavaError("--max-new-tokens must be at least 1")
+    if args.batch_size < 1:
+        raise UnillavaError("--batch-size must be at least 1")
+    if args.judge_endpoint and not args.judge_model:
+        raise UnillavaError("--judge-endpoint needs --judge-model (the judge's model name on that server)")
     data = Path(args.data)
     if not data.is_dir():
         raise UnillavaError(f"{data}: data directory not found")
-    if args.benchmark or args.suite in BENCHMARK_SUITES:
-        return _run_benchmarks(args, data)
-    return _run_tasks(args, data)
-
-
-def _run_tasks(args: argparse.Namespace, data: Path) -> int:
-    import unillava
-    from unillava.evaluation.runner import SUITES, evaluate, print_summary
-
-    split = args.split or "test"
-    tasks = list(SUITES[args.suite]) if args.suite else args.task
-    if args.suite:
-        tasks = [t for t in tasks if (data / "tasks" / split / f"{t}.jsonl").is_file()]
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
-    suffix = "" if args.images == "own" else f"-{args.images}-image"
-    out = Path(args.out) if args.out else Path(args.model) / f"eval-{split}{suffix}"
-    summary = evaluate(
-        model,
-        data,
-        tasks,
-        out,
-        split=split,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens or 128,
-        images_from=args.images,
-    )
-    print_summary(summary["tasks"])
-    print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
-    return 0
-
-
-def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
-    import unillava
-
-    if args.images != "own":
+    shapes = bool(args.task) or args.suite == "shapes"
+    if args.images != "own" and not shapes:
         raise UnillavaError("--images applies to procedural tasks (--task / --suite shapes), not benchmarks")
-    from unillava.evaluation.real_runner import RunOptions, print_summary, resolve, run_benchmarks
-
-    if args.judge_endpoint and not args.judge_model:
-        raise UnillavaError("--judge-endpoint needs --judge-model (the judge's model name on that server)")
-    if args.batch_size < 1:
-        raise UnillavaError("--batch-size must be at least 1")
-    suite = args.suite if args.suite in BENCHMARK_SUITES else None
-    resolve(args.benchmark, suite)
-    label = suite or "-".join(args.benchmark)
-    out = Path(args.out) if args.out else Path(args.model) / f"eval-{label}"
+    names = task_benchmarks(args.task) if args.task else args.benchmark
+    resolve(names, args.suite)  # an unknown name fails before the model loads
+    split = args.split or ("test" if shapes else None)
+    if args.out:
+        out = Path(args.out)
+    elif shapes:
+        suffix = "" if args.images == "own" else f"-{args.images}-image"
+        out = Path(args.model) / f"eval-{split}{suffix}"
+    else:
+        out = Path(args.model) / f"eval-{args.suite or '-'.join(args.benchmark)}"
     opts = RunOptions(
-        split=args.split,
+        split=split,
         limit=args.limit,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -140,10 +112,11 @@ def _run_benchmarks(args: argparse.Namespace, data: Path) -> int:
         meteor=not args.no_meteor,
         judge_endpoint=args.judge_endpoint,
         judge_model=args.judge_model,
+        images_from=args.images,
     )
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
+    model = load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     summary = run_benchmarks(
-        model, data, out, names=args.benchmark, suite=suite, opts=opts, model_name=Path(args.model).name
+        model, data, out, names=names, suite=args.suite, opts=opts, model_name=Path(args.model).name
     )
     print_summary(summary)
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from unillava.errors import CheckpointError
+from unillava.hub import export_hf, load_model
+from unillava.hub.compact import export_compact
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -53,11 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load MODEL, refuse to clobber OUT unless asked, export, and print where it went."""
-    import torch
-
-    from unillava.hub import export_hf, load_model
-    from unillava.hub.compact import export_compact
-
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.overwrite)):
         raise CheckpointError(

@@ -10,18 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from PIL import Image
 
 from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.prompt_flags import NO_PROMPTS, add_prompt_flags, parse_prompt, prompts_from_flags
 from unillava.cli.template_flag import add_template_flag
+from unillava.conversation import Message, user_message
+from unillava.data.images import load_image
 from unillava.errors import ConfigError, UnillavaError
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from unillava.conversation import Message
-    from unillava.inference import InferenceModel
+from unillava.generation import GenerationSettings
+from unillava.inference import InferenceModel, load
+from unillava.segmentation import with_prompt_markers
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
@@ -72,13 +73,9 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import unillava
-    from unillava.conversation import user_message
-    from unillava.data.images import load_image
-
     images = [load_image(path) for path in args.image]
     prompts = prompts_from_flags(args.visual_prompts, images)
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
+    model = load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     if prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     result: dict = {}
@@ -87,8 +84,6 @@ def run_generate(args: argparse.Namespace) -> int:
         # visual prompts get "region1 <region>"-style markers when the prompt text has none, as there.
         conversation = [user_message(args.prompt, len(images))]
         if prompts:
-            from unillava.omg import with_prompt_markers
-
             conversation = with_prompt_markers(conversation, prompts)
         [(text, masks)] = model.generate_with_masks(
             [conversation],
@@ -124,21 +119,15 @@ def _pixel_reply(
 ) -> tuple[str, int]:
     """(answer, mask count) once the conversation has visual prompts: the model's pixel-level hook (greedy,
     as `segment`), given every prompt so far because their markers stay in the history."""
-    from unillava.inference import GenerationSettings
-
     settings = GenerationSettings(**_settings(args))
-    text, masks = model.model.chat_pixels(conversation, images, prompts, settings=settings, return_masks=True)
+    text, masks = model.chat_pixels(conversation, images, prompts, settings=settings, return_masks=True)
     return text, len(masks)
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    import unillava
-    from unillava.conversation import Message, user_message
-    from unillava.data.images import load_image
-
     pending = [load_image(path) for path in args.image]
     pending_prompts = prompts_from_flags(args.visual_prompts, pending)
-    model = unillava.load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
+    model = load(args.model, dtype=args.dtype, template=args.template, **decoding_options(args))
     if pending_prompts and not model.supports_visual_prompts:
         raise ConfigError(f"{args.model}: {NO_PROMPTS}")
     history: list[Message] = []
@@ -189,8 +178,6 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         message = user_message(line, len(pending))
         if pending_prompts:
-            from unillava.omg import with_prompt_markers
-
             [message] = with_prompt_markers([message], pending_prompts)
         turn_images, turn_prompts = pending, [*prompts, *pending_prompts]
         pending, pending_prompts = [], []

@@ -16,10 +16,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from unillava.cli.prompt_flags import add_prompt_flags, prompts_from_flags
+from unillava.data.images import load_image
 from unillava.errors import ConfigError
+from unillava.inference import load
+from unillava.omg.perception import (
+    PerceptionModel,
+    evaluate_segmenter,
+    load_instances,
+    tiny_perception_config,
+    train_segmenter,
+)
 
 OVERLAY_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
@@ -34,13 +44,8 @@ def overlay(image: Image.Image, masks: list[np.ndarray], alpha: float = 0.5) -> 
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    import torch
-
-    from unillava.data.images import load_image
-    from unillava.hub import load_model
-
-    model = load_model(args.model)
-    if not callable(getattr(model, "segment", None)):
+    model = load(args.model)
+    if model.segmenter is None:
         raise ConfigError(f"{args.model}: this model does not segment (it is not an OMG-LLaVA model)")
     image = load_image(args.image)
     prompts = prompts_from_flags(args.visual_prompts, [image])
@@ -58,8 +63,6 @@ def _run_segment(args: argparse.Namespace) -> int:
 
 
 def _perception_config(text: str | None) -> dict:
-    from unillava.perception import tiny_perception_config
-
     if text is None or text == "tiny":
         return tiny_perception_config()
     path = Path(text)
@@ -69,10 +72,6 @@ def _perception_config(text: str | None) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from unillava.perception import PerceptionModel, load_instances, train_segmenter
-
     torch.manual_seed(args.seed)
     if args.init is not None:
         model = PerceptionModel.from_pretrained(args.init)
@@ -101,8 +100,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from unillava.perception import PerceptionModel, evaluate_segmenter
-
     model = PerceptionModel.from_pretrained(args.model)
     metrics = evaluate_segmenter(model, args.data, image_size=args.image_size, split=args.split)
     print(json.dumps(metrics), file=sys.stdout)

@@ -11,6 +11,8 @@ from pathlib import Path
 from unillava.cli.decoding_flags import add_decoding_flags, decoding_options
 from unillava.cli.template_flag import add_template_flag
 from unillava.errors import UnillavaError
+from unillava.inference import load
+from unillava.serving import ServerConfig, create_app
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,10 +74,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    import unillava
-    from unillava.serving import ServerConfig, create_app
+    import uvicorn  # lazy: every CLI command imports this module, only `serve` runs a server
 
     for name in ("max_batch", "max_queue", "max_images", "default_max_tokens", "max_image_pixels"):
         if getattr(args, name) < 1:
@@ -87,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
             f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    model = unillava.load(
+    model = load(
         args.model, dtype=args.dtype, device=args.device, template=args.template, **decoding_options(args)
     )
     config = ServerConfig(

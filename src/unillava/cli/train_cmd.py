@@ -11,6 +11,7 @@ import os
 import sys
 
 from unillava.errors import UnillavaError
+from unillava.training import Trainer, load_train_config
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the recipe with its overrides and train; errors in the recipe name the field."""
-    from unillava.training import Trainer, load_train_config
-
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=true")

@@ -31,14 +31,9 @@ from unillava.conversation import (
     Role,
     split_image_markers,
 )
-from unillava.data.rle import rle_string_counts
+from unillava.data.masks import rle_string_counts
 from unillava.errors import ConfigError, DataError
-
-RESPONSE_FORMATS: dict[str, str] = {
-    "short": "Answer the question using a single word or phrase.",
-    "option": "Answer with the option's letter from the given choices directly.",
-    "unanswerable": "When the provided information is insufficient, respond with 'Unanswerable'.",
-}
+from unillava.prompts import RESPONSE_FORMATS
 
 _RECORD_KEYS = ("id", "image", "conversations")
 SEG_TOKEN = "[SEG]"

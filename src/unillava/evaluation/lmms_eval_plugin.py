@@ -17,6 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from unillava.conversation import IMAGE_MARKER, user_message
+from unillava.data.images import load_image
+from unillava.errors import UnillavaError
+from unillava.inference import load
+
 MODEL_ID = "unillava"
 CLASS_PATH = "unillava.evaluation.lmms_eval_plugin.Unillava"
 
@@ -34,6 +43,7 @@ log = logging.getLogger(__name__)
 
 def manifest() -> Any:
     """The entry point's payload: lmms-eval's ModelManifest for `--model unillava`."""
+    # lmms-eval is optional: imported only when lmms-eval itself calls this entry point.
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
@@ -82,11 +92,6 @@ def parse_batch_size(value: int | str | None) -> int:
 
 def _images(visuals: Any) -> list[Any]:
     """PIL images from what a task's doc_to_visual returns (an image, a path, a list, or None)."""
-    from PIL import Image
-
-    from unillava.data.images import load_image
-    from unillava.errors import UnillavaError
-
     if visuals is None:
         return []
     items = visuals if isinstance(visuals, list | tuple) else [visuals]
@@ -121,12 +126,9 @@ def _settings(gen_kwargs: dict[str, Any], default_max: int) -> dict[str, Any]:
 
 
 def _build_class() -> type:
-    import torch
+    # lmms-eval is optional: the class subclasses its base class, so it is built on first access only.
     from lmms_eval import utils as lmms_utils
-    from lmms_eval.api.model import lmms
-    from tqdm import tqdm
-
-    from unillava.conversation import IMAGE_MARKER, user_message
+    from lmms_eval.api.model import lmms  # optional dependency, see above
 
     class Unillava(lmms):
         """unillava as an lmms-eval "simple" model: images go before the task's text in one user turn."""
@@ -143,13 +145,11 @@ def _build_class() -> type:
             ll_score: str = "nll",
             **kwargs: Any,
         ) -> None:
-            import unillava
-
             if ll_score not in LL_SCORES:
                 raise ValueError(f"ll_score must be one of {', '.join(LL_SCORES)}, got {ll_score!r}")
             self.pretrained = str(pretrained)
             super().__init__()
-            self.lm = unillava.load(self.pretrained, dtype=str(dtype), device=str(device or "cpu"))
+            self.lm = load(self.pretrained, dtype=str(dtype), device=str(device or "cpu"))
             self.batch_size_per_gpu = parse_batch_size(batch_size)
             self.default_max_new_tokens = int(max_new_tokens)
             self.ll_score = ll_score

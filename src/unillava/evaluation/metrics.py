@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
-import numbers
 import os
 import re
 import shutil
@@ -28,9 +27,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from unillava.data.rle import rle_string_counts
-
-MaskLike = np.ndarray | Mapping[str, Any]
+from unillava.data.masks import MaskLike, decode_mask, to_rle
 
 METEOR_NEEDS_JAVA = "METEOR needs Java (apt-get install default-jre-headless)"
 
@@ -347,62 +344,6 @@ def pope_metrics(predictions: Sequence[str | None], labels: Sequence[str]) -> di
 # --------------------------------------------------------------------------------------------------
 
 
-def _rle_runs(mask: Mapping[str, Any]) -> tuple[int, int, list[int], bool]:
-    """(height, width, run lengths, counts-was-a-string) of a validated RLE dict; ValueError if malformed."""
-    size = mask.get("size")
-    counts = mask.get("counts")
-    if (
-        not isinstance(size, list | tuple)
-        or len(size) != 2
-        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in size)
-    ):
-        raise ValueError("RLE 'size' must be [height, width] with non-negative integers")
-    h, w = int(size[0]), int(size[1])
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii", errors="replace")
-    if isinstance(counts, str):
-        runs = rle_string_counts(counts)
-    elif isinstance(counts, list) and all(
-        isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts
-    ):
-        runs = [int(c) for c in counts]
-    else:
-        raise ValueError("RLE 'counts' must be a string or a list of integers")
-    if any(r < 0 for r in runs):
-        raise ValueError("RLE 'counts' has a negative run length")
-    if sum(runs) != h * w:
-        raise ValueError(f"RLE runs cover {sum(runs)} pixels but size {h}x{w} has {h * w}")
-    return h, w, runs, isinstance(counts, str)
-
-
-def to_rle(mask: MaskLike) -> dict[str, Any]:
-    """A validated compressed COCO RLE ({"size": [h, w], "counts": bytes}) for pycocotools."""
-    if isinstance(mask, np.ndarray):
-        if mask.ndim != 2:
-            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
-        return dict(mask_utils.encode(np.asfortranarray(mask != 0, dtype=np.uint8)))
-    if not isinstance(mask, Mapping):
-        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
-    h, w, runs, compressed = _rle_runs(mask)
-    if compressed:
-        counts = mask["counts"]
-        return {"size": [h, w], "counts": counts if isinstance(counts, bytes) else counts.encode("ascii")}
-    return dict(mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w))
-
-
-def decode_mask(mask: MaskLike) -> np.ndarray:
-    """A 2-D bool array from a numpy mask or a COCO RLE dict (validated, decoded column-major as COCO does)."""
-    if isinstance(mask, np.ndarray):
-        if mask.ndim != 2:
-            raise ValueError(f"a mask array must be 2-D, got shape {mask.shape}")
-        return mask != 0
-    if not isinstance(mask, Mapping):
-        raise TypeError(f"a mask must be a numpy array or an RLE dict, got {type(mask).__name__}")
-    h, w, runs, _ = _rle_runs(mask)
-    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
-    return flat.reshape(w, h).T
-
-
 def _inter_union(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int]:
     if pred.shape != gt.shape:
         raise ValueError(f"mask shapes differ: prediction {pred.shape}, ground truth {gt.shape}")
@@ -481,6 +422,7 @@ def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
     input file goes to the system temp dir (not into site-packages) and the jar's chatter on stderr
     is captured instead of printed.
     """
+    # pycocoevalcap is used on one path only (caption metrics): imported when they are computed.
     import pycocoevalcap.tokenizer.ptbtokenizer as ptb
 
     jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)), ptb.STANFORD_CORENLP_3_4_1_JAR)
@@ -541,6 +483,7 @@ atexit.register(_close_meteor)
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
     """Corpus METEOR from one long-lived jar process (starting it costs ~10 s of paraphrase loading)."""
     global _meteor_scorer
+    # pycocoevalcap is used on one path only (caption metrics): imported when METEOR is computed.
     from pycocoevalcap.meteor.meteor import Meteor
 
     with _METEOR_LOCK:
@@ -556,6 +499,7 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
 
 
 def _cider(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    # pycocoevalcap is used on one path only (caption metrics): imported when CIDEr is computed.
     from pycocoevalcap.cider.cider import Cider
 
     if not any(ref.split() for refs in gts.values() for ref in refs):
@@ -816,8 +760,9 @@ def gcg_ap50(
     images without predictions still count their ground truths. None if there is no ground-truth
     mask at all; 0.0 if there are ground truths but no predicted mask.
     """
+    # pycocotools.coco imports matplotlib: slow, and only GCG's AP50 needs it.
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    from pycocotools.cocoeval import COCOeval  # same: loads pycocotools.coco
 
     if len(pred_masks) != len(gt_masks):
         raise ValueError(f"{len(pred_masks)} predicted images for {len(gt_masks)} ground-truth images")

@@ -526,6 +526,32 @@ def score_files(
     return results
 
 
+def score_records(
+    task: str,
+    predictions: Iterable[tuple[int, Any]],
+    annotations: Iterable[tuple[int, Any]],
+    *,
+    pred_source: str,
+    ann_source: str,
+    meteor: bool = True,
+) -> dict[str, Any]:
+    """Score (line number, record) pairs that a loader has already read (the runner's shapes tasks), so
+    errors still name the file and line they came from; returns what `score_task` returns."""
+    return _score(task, _Source(pred_source), predictions, _Source(ann_source), annotations, meteor)
+
+
+def check_annotation(task: str, record: Any, source: str, line: int) -> None:
+    """DataError ("SOURCE line N: ...") if one annotation record cannot be scored as `task`: lets a loader
+    list bad records before any question is asked instead of failing after all of them were answered."""
+    if task not in TASKS:
+        raise UnillavaError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    src = _Source(source)
+    if not isinstance(record, dict):
+        raise src.error(line, f"expected a JSON object, got {type(record).__name__}")
+    _id(src, line, record)
+    _check_annotation(task, src, line, dict(record))
+
+
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 - llava-hf: a `config.json` for transformers' `LlavaForConditionalGeneration` (model_type "llava").
 
 `export_hf` writes the llava-hf layout, which transformers, vLLM and others load.
-`omg_xtuner.convert_xtuner_checkpoint` turns the released OMG-LLaVA (XTuner `.pth`, OMG-Seg segmenter,
+`unillava.omg.converter.convert_xtuner_checkpoint` turns the released OMG-LLaVA (XTuner `.pth`, OMG-Seg segmenter,
 InternLM2 + LoRA) into a unillava directory (`unillava convert omg-xtuner`).
 """
 
@@ -93,8 +93,8 @@ def load_model(
 ) -> LlavaModel:
     """Load a model directory in any supported layout, offline, in eval mode.
 
-    `vision_tower_path` and `base_llm_path` apply to original LLaVA checkpoints only: the local CLIP
-    directory when `mm_vision_tower` names a hub model, and the base LLM beside a stage-1
+    `vision_tower_path` and `base_llm_path` apply to original LLaVA checkpoints only: the local tower
+    directory (CLIP, ConvNeXt) when `mm_vision_tower` names a hub model, and the base LLM beside a stage-1
     `mm_projector.bin`.
     """
     path = Path(path).expanduser()

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoTokenizer, LlavaConfig, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -37,12 +36,9 @@ from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
 from unillava.projector import build_projector
 from unillava.vision import VisionTower, build_vision_tower
-from unillava.weights import key_list
+from unillava.vision.clip import CLIPTower
+from unillava.weights import BIN_INDEX, SAFE_INDEX, SAFE_WEIGHTS, key_list, read_state_dict
 
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_WEIGHTS = "pytorch_model.bin"
-BIN_INDEX = "pytorch_model.bin.index.json"
 PROCESSOR_CONFIG = "processor_config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -57,62 +53,6 @@ TEMPLATE_MARKER = "unillava-template:"
 # ---------------------------------------------------------------------------------------------------
 # Reading weights and assembling a model (shared with the original-LLaVA reader)
 # ---------------------------------------------------------------------------------------------------
-
-
-def has_weights(path: Path) -> bool:
-    """Whether `path` holds a transformers-style weights file or index."""
-    return any((path / name).is_file() for name in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX))
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: safetensors preferred, then `pytorch_model.bin`, either sharded.
-
-    `.bin` files are read with `weights_only=True`, so a pickle that would run code is refused.
-    """
-    path = Path(path)
-    for index_name, single_name in ((SAFE_INDEX, SAFE_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
-        if (path / single_name).is_file():
-            return read_weights_file(path / single_name)
-        if (path / index_name).is_file():
-            return _read_sharded(path / index_name)
-    found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else []
-    raise CheckpointError(
-        f"{path}: no weights file ({SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}); "
-        f"found: {', '.join(found) or 'nothing'}"
-    )
-
-
-def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
-    """One `.safetensors` or torch-pickle file (read with `weights_only=True`)."""
-    try:
-        if file.suffix == ".safetensors":
-            return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as err:
-        message = " ".join(str(err).split())[:300]
-        raise CheckpointError(f"{file}: cannot read weights ({message})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file}: not a mapping of tensor names to tensors")
-    return state
-
-
-def _read_sharded(index_file: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index_file}: malformed index ({err})") from None
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_file = index_file.parent / shard
-        if not shard_file.is_file():
-            raise CheckpointError(f"{index_file}: shard {shard} is missing")
-        state.update(read_weights_file(shard_file))
-    absent = sorted(set(weight_map) - set(state))
-    if absent:
-        raise CheckpointError(
-            f"{index_file}: {len(absent)} indexed tensor(s) not in their shards: {absent[:5]}"
-        )
-    return state
 
 
 def rename_keys(
@@ -475,7 +415,7 @@ def load_llava_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> Llava
     except (UnillavaError, ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"{path}/config.json: cannot build the model ({err})") from None
     prefix = getattr(language_model, "base_model_prefix", "model")
-    state, unused = rename_keys(read_weights(path), lambda key: llava_hf_key(key, prefix), str(path))
+    state, unused = rename_keys(read_state_dict(path), lambda key: llava_hf_key(key, prefix), str(path))
     model = assemble(config, tower, language_model, tokenizer, state, str(path), unused=unused, dtype=dtype)
     if model.image_token_id != hf.image_token_index:
         raise CheckpointError(
@@ -604,8 +544,6 @@ def export_hf(
     `out_dir` must be new or empty unless `overwrite`, which first deletes weight files already there
     (a stale shard next to new ones would be loaded with them).
     """
-    from unillava.vision.clip import CLIPTower
-
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise CheckpointError(

@@ -3,7 +3,8 @@
 Such a directory holds a LlamaConfig-like `config.json` plus LLaVA's `mm_*` keys, and weights under
 `model.*` (the LLM's decoder), `lm_head.*`, `model.mm_projector.*` and, when the tower was trained,
 `model.vision_tower.vision_tower.vision_model.*`. The vision tower itself is not in the directory:
-`mm_vision_tower` names a separate CLIP checkpoint. A stage-1 (projector pre-training) output holds only
+`mm_vision_tower` names a separate tower checkpoint: CLIP for LLaVA, ConvNeXt for ConvLLaVA (any
+`model_type` in `TOWER_LOADERS`). A stage-1 (projector pre-training) output holds only
 `mm_projector.bin` and needs the base LLM it was trained on.
 
 Image tokens: the original code never put `<image>` in the tokenizer; it spliced the prompt around the
@@ -30,18 +31,16 @@ from unillava.hub.llava_hf import (
     PREPROCESSOR_CONFIG,
     PROCESSOR_CONFIG,
     assemble,
-    has_weights,
     load_tokenizer,
     pick_template,
     preprocessing_from_image_processor,
     read_json,
-    read_weights,
-    read_weights_file,
     rename_keys,
 )
 from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
 from unillava.vision import build_vision_tower
+from unillava.weights import has_weights, read_state_dict, read_weights_file
 
 STAGE1_WEIGHTS = "mm_projector.bin"
 
@@ -128,7 +127,8 @@ def _clip_tower_key(key: str) -> str | None:
 
 
 # Extension point: a tower checkpoint's config.json `model_type` -> a function (directory, its config.json)
-# -> our VisionConfig with `pretrained` set to the directory. Add e.g. "convnext" here.
+# -> our VisionConfig with `pretrained` set to the directory. ConvNeXt towers (ConvLLaVA) come from
+# unillava.hub.convllava; a new tower family adds its entry here.
 TOWER_LOADERS: dict[str, Callable[[Path, dict[str, Any]], VisionConfig]] = {
     "clip_vision_model": _clip_tower_config,
     "clip": _clip_tower_config,
@@ -243,8 +243,8 @@ def load_original_llava(
 ) -> LlavaModel:
     """Read an original-LLaVA checkpoint (or a stage-1 `mm_projector.bin` plus `base_llm_path`).
 
-    Used from config.json: the LLM settings, `mm_vision_tower` (a local CLIP directory, or
-    `vision_tower_path`), `mm_projector_type`, `mm_hidden_size`, `mm_vision_select_layer`,
+    Used from config.json: the LLM settings, `mm_vision_tower` (a local CLIP or ConvNeXt directory,
+    or `vision_tower_path`), `mm_vision_resolution` (ConvLLaVA's input size), `mm_projector_type`, `mm_hidden_size`, `mm_vision_select_layer`,
     `mm_vision_select_feature` and `image_aspect_ratio`. Training flags (`tune_mm_mlp_adapter`,
     `freeze_mm_mlp_adapter`, ...) do not change the model and are ignored.
     """
@@ -325,7 +325,7 @@ def load_original_llava(
     def rename(key: str) -> str | None:
         return original_key(key, tower_rename)
 
-    state, unused = rename_keys(read_weights(path if base is None else base), rename, source)
+    state, unused = rename_keys(read_state_dict(path if base is None else base), rename, source)
     if base is not None:
         for key, tensor in read_weights_file(path / STAGE1_WEIGHTS).items():
             ours = rename(key)

@@ -22,10 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from unillava.conversation import Encoded, Message
-from unillava.inference import GenerationSettings, InferenceModel
+from unillava.conversation import Encoded
+from unillava.generation import (
+    GenerationSettings,
+    autocast,
+    cut_at_stop,
+    held_back,
+    sampling_kwargs,
+    seed_sampling,
+    stop_index,
+)
+from unillava.inference import InferenceModel
 
 log = logging.getLogger("unillava.serving")
 
@@ -54,10 +64,10 @@ class Event:
 
 @dataclass
 class PixelTask:
-    """A request for a pixel-level model: it runs through the model's `chat_pixels` hook, unbatched."""
+    """A request for a pixel-level model: it runs through `InferenceModel.answer_pixels`, unbatched, on
+    the job's own encoded prompt (the images as sent place its prompts and masks)."""
 
-    conversation: list[Message]
-    images: list[Any]
+    images: list[Image.Image]
     visual_prompts: list[dict[str, Any]]
     return_masks: bool
     mask_png: bool
@@ -92,23 +102,6 @@ class Job:
         if self.temperature == 0:
             return ("greedy",)
         return ("sample", self.temperature, self.top_p)
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still become a stop string, so must not be sent yet."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> int:
-    """Index of the earliest stop string in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
 
 
 @dataclass(eq=False)
@@ -150,14 +143,14 @@ class _RowTracker(StoppingCriteria):
         row.ids.append(token)
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         row.text = text
-        cut = _cut_at_stop(text, job.stop)
+        cut = stop_index(text, job.stop)
         if cut >= 0:
             row.text = text[:cut]
             self.finish(row, "stop", flush=True)
         elif row.count >= job.max_new_tokens:
             self.finish(row, "length", flush=True)
         elif not text.endswith("\ufffd"):
-            self._emit(row, len(text) - _held_back(text, job.stop))
+            self._emit(row, len(text) - held_back(text, job.stop))
 
     def _emit(self, row: _Row, upto: int) -> None:
         """Send row.text[sent:upto]; leading whitespace of the answer is dropped, as in `InferenceModel`."""
@@ -207,7 +200,6 @@ class Batcher:
         max_queue: int = 64,
         batch_wait: float = 0.25,
         threads: int | None = None,
-        pixel_hook: Callable[..., tuple[str, list[dict[str, Any]]]] | None = None,
         encode_mask: Callable[..., dict[str, Any]] | None = None,
     ):
         if max_batch < 1 or max_queue < 1:
@@ -217,7 +209,6 @@ class Batcher:
         self.max_queue = max_queue
         self.batch_wait = batch_wait
         self.threads = threads
-        self.pixel_hook = pixel_hook
         self.encode_mask = encode_mask
         self.stats = BatcherStats()
         self._queue: collections.deque[Job] = collections.deque()
@@ -384,12 +375,6 @@ class Batcher:
                 with self._cond:
                     self._running = []
 
-    def _autocast(self) -> Any:
-        model = self.model.model
-        if model.dtype != torch.bfloat16:
-            return contextlib.nullcontext()
-        return torch.autocast(model.device.type, dtype=torch.bfloat16)
-
     def _run_batch(self, jobs: list[Job]) -> None:
         processor = self.model.processor
         model = self.model.model
@@ -402,22 +387,19 @@ class Batcher:
             "eos_token_id": None,  # every row's end of turn is decided by the tracker
             "pad_token_id": processor.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([tracker]),
+            **sampling_kwargs(first.temperature, first.top_p),
         }
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if first.seed is not None:
-            torch.manual_seed(first.seed)
-        with torch.inference_mode(), self._autocast():
+        seed_sampling(first.seed)
+        with torch.inference_mode(), autocast(model):
             self.model.generate_ids(batch.input_ids, batch.attention_mask, batch.images, **kwargs)
         for row in tracker.rows:
             tracker.finish(row, "cancelled" if row.job.cancelled.is_set() else "length", flush=True)
 
     def _run_pixel(self, job: Job) -> None:
-        """A pixel-level request through the model's hook; its text arrives in one piece."""
+        """A pixel-level request through the model's hook, on the prompt encoded at admission (never
+        encoded again); its text arrives in one piece."""
         task = job.pixel
-        assert task is not None and self.pixel_hook is not None
+        assert task is not None
         settings = GenerationSettings(
             max_new_tokens=job.max_new_tokens,
             temperature=job.temperature,
@@ -425,15 +407,15 @@ class Batcher:
             stop=list(job.stop),
             seed=job.seed,
         )
-        text, masks = self.pixel_hook(
-            task.conversation,
+        text, masks = self.model.answer_pixels(
+            job.encoded,
+            job.pixels,
             task.images,
             task.visual_prompts,
             settings=settings,
             return_masks=task.return_masks,
         )
-        cut = _cut_at_stop(text, job.stop)
-        text = (text[:cut] if cut >= 0 else text).strip()
+        text = cut_at_stop(text, job.stop).strip()
         encoded = []
         if task.return_masks and self.encode_mask is not None:
             for mask in masks:

@@ -18,9 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from unillava.evaluation.metrics import decode_mask, to_rle
+from unillava.data.masks import decode_mask, to_rle
 
 
 class APIError(Exception):
@@ -280,8 +281,6 @@ def encode_mask(
 ) -> dict[str, Any]:
     """A model's mask (bool array or RLE dict) as the response's mask object: RLE, xywh bbox, area, phrase."""
     rle = to_rle(mask if isinstance(mask, dict) else np.asarray(mask))
-    from pycocotools import mask as mask_utils
-
     bbox = [float(v) for v in mask_utils.toBbox(rle)]
     out: dict[str, Any] = {
         "phrase": phrase,

@@ -1,13 +1,14 @@
 """The training loop: accelerate for processes and precision, peft for LoRA, transformers for schedules.
 
-One optimizer step consumes one global batch. Its loss is the sum of token losses over every
-micro-batch of every process divided by the global batch's supervised-token count (counted before the
-forward passes), so 1 process x 2 accumulation steps, 2 processes x 1, and 1 x 1 with a doubled batch
-all compute the same loss and gradients. For a model that segments (OMG-LLaVA) the batches also carry
-[SEG] masks and visual prompts, and the global mask and image counts go to the forward
-(`global_counts`) so the mask losses stay means over the global batch's masks and the object
-regulariser a mean over its images, split-invariant the same way; `mask_bce`, `mask_dice` and
-`object_regularizer` are logged with the loss.
+One optimizer step consumes one global batch. The model's forward returns its loss as named parts
+(`loss_parts`: a sum, the count it is a mean over, a weight; the core model has only `text_ce`, summed
+over supervised tokens), and `loss_counts` gives each part's count before the forward. The trainer sums
+the counts over every micro-batch of every process first, so each micro-batch's backward already uses
+the global denominators: the step's loss is sum_p weight_p * (sum of part p) / (count of part p) over the
+global batch, and 1 process x 2 accumulation steps, 2 processes x 1, and 1 x 1 with a doubled batch all
+compute the same loss and gradients. Every part is logged as its global mean under its own name. The
+extra batch fields a model trains from come from its `batch_fields()` (see `unillava.training.dataset`),
+so no model design is named here.
 """
 
 from __future__ import annotations
@@ -29,23 +30,25 @@ import yaml
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, get_scheduler
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, get_scheduler
 
 from unillava.config import override_dataclass, to_dict
-from unillava.data.dataset import (
+from unillava.errors import CheckpointError, ConfigError, DataError
+from unillava.modeling import ADAPTER_DIR, LlavaModel, LossPart
+from unillava.processor import Processor
+from unillava.training import checkpoint as ckpt
+from unillava.training.config import TrainConfig
+from unillava.training.dataset import (
     DataReport,
     ModalityLengthGroupedSampler,
     SupervisedDataset,
+    TrainBatch,
     supervised_tokens,
 )
-from unillava.errors import CheckpointError, ConfigError, DataError
-from unillava.modeling import ADAPTER_DIR, LlavaModel
-from unillava.processor import Batch, Processor
-from unillava.training import checkpoint as ckpt
-from unillava.training.config import TrainConfig
 
 LOG_NAME = "train_log.jsonl"
 CONFIG_NAME = "train_config.yaml"
@@ -74,6 +77,7 @@ def check_qlora_support() -> None:
     if torch.cuda.is_available():
         return
     try:
+        # optional, CUDA-oriented and slow to import: only a QLoRA recipe on a machine without CUDA gets here
         import bitsandbytes.functional as bnbf
 
         bnbf.quantize_4bit(torch.randn(64, 64), quant_type="nf4")
@@ -185,7 +189,6 @@ class Trainer:
 
         set_seed(config.seed)
         self.model = self._build_model(quantize=config.train_llm == "qlora")
-        self.pixel_targets = bool(getattr(self.model, "supports_segmentation", False))
         self.processor = Processor.for_model(self.model, template=config.data.template)
         with acc.main_process_first():
             self.dataset = self._dataset()
@@ -265,8 +268,6 @@ class Trainer:
         if config.train_llm == "full":
             model.language_model.requires_grad_(True)
         elif config.train_llm in ("lora", "qlora"):
-            from peft import LoraConfig, get_peft_model
-
             if quantize:
                 model.language_model = self._quantized_llm(model)
             lora = config.lora
@@ -295,9 +296,6 @@ class Trainer:
 
     def _quantized_llm(self, model: LlavaModel) -> torch.nn.Module:
         """Reload the LLM in 4-bit NF4 through transformers' bitsandbytes integration (QLoRA)."""
-        from peft import prepare_model_for_kbit_training
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
         quantization = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -328,7 +326,7 @@ class Trainer:
             max_length=data.max_length or self.model.config.max_length,
             progress=self.config.progress and self.is_main,
             cache_dir=self.output_dir / "data_cache",
-            pixel_targets=self.pixel_targets,
+            fields=self.model.batch_fields(),
         )
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -452,58 +450,70 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
         )
 
+    def _loss_counts(self, micro_batches: list[TrainBatch]) -> list[dict[str, int]]:
+        """Each micro-batch's loss-part counts (`LlavaModel.loss_counts`), known before any forward."""
+        counts = [self.model.loss_counts(batch.model_inputs()) for batch in micro_batches]
+        if any(list(c) != list(counts[0]) for c in counts):
+            raise RuntimeError(f"{type(self.model).__name__}.loss_counts: the parts differ between batches")
+        return counts
+
+    def _loss_parts(self, out: Any, counts: dict[str, int]) -> dict[str, LossPart]:
+        """The forward's named loss parts, each with a count `loss_counts` announced and agrees with."""
+        parts = getattr(out, "loss_parts", None)
+        if parts is None:
+            raise RuntimeError(f'{type(self.model).__name__}: the forward gave no loss_parts under "sum"')
+        for name, part in parts.items():
+            if name not in counts or int(part.count) != counts[name]:
+                raise RuntimeError(
+                    f"{type(self.model).__name__}: loss part {name!r} counts {int(part.count)}, "
+                    f"but loss_counts said {counts.get(name)}"
+                )
+        return parts
+
     def _train_step(
-        self, micro_batches: list[Batch]
+        self, micro_batches: list[TrainBatch]
     ) -> tuple[float, int, float | None, dict[str, float], dict[str, float]]:
         """One optimizer step over this process's micro-batches.
 
         Returns the global loss, the global supervised-token count, the gradient norm, the learning
-        rates this step used (the scheduler has moved on by the time the step is logged) and the
-        pixel-level loss parts as global means (`mask_bce` / `mask_dice` per mask, `object_regularizer`
-        per image; only those the model computed).
+        rates this step used (the scheduler has moved on by the time the step is logged) and each loss
+        part's global mean (only those the model computed somewhere in the global batch).
         """
         acc = self.accelerator
         lrs = self._lrs()
-        local_tokens = torch.tensor(
-            float(sum(supervised_tokens(b.labels) for b in micro_batches)), device=acc.device
-        )
-        tokens = float(acc.reduce(local_tokens, "sum"))
+        counts = self._loss_counts(micro_batches)
+        names = list(counts[0])
+        local = [sum(supervised_tokens(b.labels) for b in micro_batches)]
+        local += [sum(c[name] for c in counts) for name in names]
+        tokens, *totals = acc.reduce(
+            torch.tensor(local, dtype=torch.float32, device=acc.device), "sum"
+        ).tolist()
         if tokens == 0:
             raise DataError(f"step {self.step + 1}: the global batch has no supervised token")
-        scale = acc.num_processes * self.grad_accum / tokens
-        pixel: dict[str, Any] = {}
-        if self.pixel_targets:
-            local = [sum(b.num_masks for b in micro_batches), sum(len(b.images) for b in micro_batches)]
-            masks, images = acc.reduce(
-                torch.tensor(local, dtype=torch.float32, device=acc.device), "sum"
-            ).tolist()
-            pixel = {"global_counts": {"tokens": tokens, "masks": masks, "images": images}}
-        parts = torch.zeros(3, device=acc.device)  # BCE and Dice summed over masks, regulariser over images
-        seen = [False, False]
-        loss_sum = torch.zeros((), device=acc.device)
+        global_counts = dict(zip(names, totals, strict=True))
+        # DDP averages gradients over processes and accelerate divides each backward by the accumulation
+        # steps; this factor undoes both, so the gradients are those of the global batch's loss.
+        factor = acc.num_processes * self.grad_accum
+        # per part over this process's micro-batches: its sum, whether the forward returned it, its weight
+        sums, seen, weights = torch.zeros(3, len(names), device=acc.device)
         grad_norm = None
-        for batch in micro_batches:
+        for batch, batch_counts in zip(micro_batches, counts, strict=True):
             batch = batch.to(acc.device)
             with acc.accumulate(self.prepared):
-                out = self.prepared(
-                    input_ids=batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    images=batch.images,
-                    labels=batch.labels,
-                    loss_reduction="sum",
-                    use_cache=False,
-                    **({**pixel, **batch.pixel_inputs()} if pixel else {}),
-                )
-                summed = out.loss
-                acc.backward(summed * scale)
-                loss_sum += summed.detach()
-                if getattr(out, "mask_bce", None) is not None:
-                    parts[0] += out.mask_bce.detach().float()
-                    parts[1] += out.mask_dice.detach().float()
-                    seen[0] = True
-                if getattr(out, "object_regularizer", None) is not None:
-                    parts[2] += out.object_regularizer.detach().float() * len(batch.images)
-                    seen[1] = True
+                out = self.prepared(**batch.model_inputs(), loss_reduction="sum", use_cache=False)
+                parts = self._loss_parts(out, batch_counts)
+                terms = [
+                    part.weight * part.total * (factor / global_counts[name])
+                    for name, part in parts.items()
+                    if global_counts[name]
+                ]
+                if not terms:
+                    raise RuntimeError(f"{type(self.model).__name__}: no loss part with a count in this step")
+                acc.backward(sum(terms[1:], terms[0]))
+                for name, part in parts.items():
+                    k = names.index(name)
+                    sums[k] += part.total.detach().float()
+                    seen[k], weights[k] = 1.0, part.weight
                 if acc.sync_gradients:
                     if self.config.max_grad_norm is not None:
                         norm = acc.clip_grad_norm_(self.prepared.parameters(), self.config.max_grad_norm)
@@ -511,21 +521,16 @@ class Trainer:
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-        loss = float(acc.reduce(loss_sum, "sum")) / tokens
+        # flags and weights go with the sums (one collective), so every process logs the same parts
+        part_sums, flags, weight_sums = acc.reduce(torch.stack([sums, seen, weights]), "sum").tolist()
+        metrics: dict[str, float] = {}
+        loss = 0.0
+        for k, name in enumerate(names):
+            if flags[k] and global_counts[name]:
+                metrics[name] = part_sums[k] / global_counts[name]
+                loss += weight_sums[k] / flags[k] * metrics[name]
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: loss is {loss}")
-        metrics: dict[str, float] = {}
-        if pixel:
-            # the flags are reduced with the sums (one collective), so every process logs the same keys
-            flags = torch.tensor(seen, dtype=torch.float32, device=acc.device)
-            bce, dice, regularizer, any_masks, any_regularizer = acc.reduce(
-                torch.cat([parts, flags]), "sum"
-            ).tolist()
-            counts = pixel["global_counts"]
-            if any_masks and counts["masks"]:
-                metrics.update(mask_bce=bce / counts["masks"], mask_dice=dice / counts["masks"])
-            if any_regularizer and counts["images"]:
-                metrics["object_regularizer"] = regularizer / counts["images"]
         return loss, int(tokens), grad_norm, lrs, metrics
 
     def train(self) -> TrainResult:

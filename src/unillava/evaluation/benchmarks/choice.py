@@ -17,9 +17,6 @@ from xml.sax.saxutils import escape
 from unillava.errors import DataError
 from unillava.evaluation import metrics
 from unillava.evaluation.benchmarks.base import (
-    PROMPT_LETTER,
-    PROMPT_LETTER_CN,
-    PROMPT_SHORT,
     Benchmark,
     Column,
     EmbeddedImage,
@@ -44,6 +41,7 @@ from unillava.evaluation.benchmarks.base import (
     write_json,
 )
 from unillava.evaluation.benchmarks.common import attach_answers, dedupe, llava_questions
+from unillava.prompts import PROMPT_LETTER, PROMPT_LETTER_CN, PROMPT_SHORT
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -667,6 +665,7 @@ class MMMU(Benchmark):
             if not parquet:
                 raise DataError(f"{root}: no mmmu_{split}.jsonl and no <Subject>/{split}-*.parquet files")
             try:
+                # pyarrow is optional: only MMMU's released parquet files need it.
                 import pyarrow.parquet as pq
             except ImportError:
                 raise DataError(

@@ -38,16 +38,7 @@ from unillava.evaluation.benchmarks.base import (
     where,
 )
 from unillava.evaluation.benchmarks.common import dedupe
-
-REFSEG_PROMPT = "Please segment {expression} in this image."
-REC_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
-GCG_PROMPT = (
-    "Could you please give me a detailed description of the image? Please respond with interleaved "
-    "segmentation masks for the corresponding parts of the answer."
-)
-REGION_CAPTION_PROMPT = (
-    "Can you provide me with a detailed description of the region in the picture marked by region1 <mark>?"
-)
+from unillava.prompts import GCG_PROMPT, REC_PROMPT, REFSEG_PROMPT, REGION_CAPTION_PROMPT
 
 COCO_IMAGE_FOLDERS = (
     "images/mscoco/images/train2014",
@@ -655,10 +646,11 @@ class RegionCaption(Benchmark):
             items.append(
                 Item(
                     image_id,
-                    REGION_CAPTION_PROMPT,
+                    REGION_CAPTION_PROMPT.format(region="region1 <mark>"),
                     [images / file_name],
                     {"captions": refs, "bbox": box},
-                    {"at": at, "region_bbox": box, "visual_prompt": prompt},
+                    {"at": at, "region_bbox": box},
+                    visual_prompts=[prompt],
                 )
             )
         return LoadResult(dedupe(items, problems), split, problems.messages)

@@ -80,6 +80,7 @@ class JudgeClient:
         self._openai: Any = None
         if backend in ("auto", "openai"):
             try:
+                # openai is optional: the judge falls back to plain HTTP (httpx) without it.
                 from openai import OpenAI
 
                 self._openai = OpenAI(
@@ -97,7 +98,7 @@ class JudgeClient:
             if self._openai is not None:
                 reply = self._openai.chat.completions.create(**request)
                 return reply.choices[0].message.content or ""
-            import httpx
+            import httpx  # only the fallback path without the openai client sends requests with it
 
             response = httpx.post(
                 f"{self.endpoint}/chat/completions",

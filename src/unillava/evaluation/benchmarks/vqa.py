@@ -14,8 +14,6 @@ from typing import Any
 from unillava.errors import DataError
 from unillava.evaluation import metrics
 from unillava.evaluation.benchmarks.base import (
-    PROMPT_SHORT,
-    PROMPT_UNANSWERABLE,
     Benchmark,
     Column,
     Item,
@@ -39,6 +37,7 @@ from unillava.evaluation.benchmarks.base import (
     write_json,
 )
 from unillava.evaluation.benchmarks.common import answer_strings, attach_answers, dedupe, llava_questions
+from unillava.prompts import PROMPT_SHORT, PROMPT_UNANSWERABLE
 
 evalai_answer = metrics.evalai_answer
 

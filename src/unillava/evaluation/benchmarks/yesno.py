@@ -9,7 +9,6 @@ from typing import Any
 from unillava.errors import DataError
 from unillava.evaluation import metrics
 from unillava.evaluation.benchmarks.base import (
-    PROMPT_SHORT,
     Benchmark,
     Column,
     Item,
@@ -27,6 +26,7 @@ from unillava.evaluation.benchmarks.base import (
     with_prompt,
 )
 from unillava.evaluation.benchmarks.common import dedupe
+from unillava.prompts import PROMPT_SHORT
 
 POPE_SPLITS = ("adversarial", "popular", "random")
 POPE_KEYS = ("accuracy", "precision", "recall", "f1", "yes_ratio")

@@ -1,6 +1,6 @@
 """OMG-Seg's departures from transformers' Mask2Former, as options of a perception config.
 
-A converted OMG-Seg checkpoint (`unillava.hub.omg_xtuner`) must compute what the released segmenter
+A converted OMG-Seg checkpoint (`unillava.omg.converter`) must compute what the released segmenter
 computes, because OMG-LLaVA's tokens are built from its class scores, raw backbone features and raw
 query states:
 

@@ -9,12 +9,11 @@
   over the image's cached segmenter memory, so every [SEG] gives one mask, in text order;
 - the training loss text CE + 2.0 * mask BCE + 0.5 * Dice (BCE and Dice averaged over decoder layers),
   plus stage 1's object-token round-trip regulariser when `vision.extra.object_regularizer` is set;
-- empty object-token slots masked out of attention and position ids (`prepare_inputs`, see vision/omg.py);
+- empty object-token slots masked out of attention and position ids (`prepare_inputs`, see omg/tower.py);
 - visual prompts: each `<region>`/`<mark>` token replaced by its prompt's region-restricted decoder query,
-  projected like an object token (`unillava.perception.prompts`);
-- `segment`, `generate_with_masks` and `chat_pixels` (text + masks as arrays, COCO RLE and the phrase
-  of the `<p>..</p>` before each [SEG]); `supports_segmentation` and
-  `supports_visual_prompts` for the server.
+  projected like an object token (`unillava.omg.perception.prompts`);
+- `supports_segmentation` and `supports_visual_prompts` for the inference layer, which runs it for text
+  and masks (`unillava.segmentation`: `segment`, `generate_with_masks`, the server's pixel hook).
 
 [SEG] masks come from the last image of each sample (OMG-LLaVA takes one image per conversation).
 """
@@ -23,41 +22,41 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torch import nn
 from transformers import AddedToken
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from unillava.config import ModelConfig
-from unillava.conversation import Message, user_message
-from unillava.data.images import load_image
-from unillava.data.llava_format import MARK_TOKEN, REGION_TOKEN, SEG_TOKEN, parse_record
-from unillava.errors import ConfigError, UnillavaError
-from unillava.hub.omg_xtuner import (  # noqa: F401  (re-exported: the old names)
-    XTUNER_PREFIXES,
-    XTUNER_SEPARATOR,
-    convert_xtuner_projectors,
+from unillava.data.images import ImagePreprocessor
+from unillava.data.llava_format import MARK_TOKEN, REGION_TOKEN, SEG_TOKEN, Sample
+from unillava.errors import ConfigError, DataError
+from unillava.modeling import (
+    TEXT_LOSS,
+    BatchFields,
+    LlavaModel,
+    LlavaOutput,
+    LossPart,
+    register_model_class,
+    splice_image_features,
+    supervised_token_loss,
+    supervised_tokens,
 )
-from unillava.modeling import LlavaModel, splice_image_features, supervised_token_loss
-from unillava.perception.geometry import PadGeometry
-from unillava.perception.model import DecodeOutput
-from unillava.perception.prompts import PromptRegion, encode_prompts, mask_targets, prompt_regions
-from unillava.vision import VisionTower
+from unillava.omg.perception.model import DecodeOutput
+from unillava.omg.perception.prompts import PromptRegion, encode_prompts, mask_targets, prompt_regions
+from unillava.processor import Processor
+from unillava.vision.base import VisionTower
 
 PHRASE_START = "<p>"
 PHRASE_END = "</p>"
 OMG_TOKENS = (SEG_TOKEN, PHRASE_START, PHRASE_END, REGION_TOKEN, MARK_TOKEN)
 MASK_BCE_WEIGHT = 2.0
 MASK_DICE_WEIGHT = 0.5
-REFSEG_PROMPT = "Please segment {expression} in this image."
 _PHRASE = re.compile(re.escape(PHRASE_START) + r"(.*?)" + re.escape(PHRASE_END), re.S)
 
 
@@ -96,7 +95,7 @@ def phrases_for_segs(text: str) -> list[str]:
 
 
 @dataclass
-class OMGOutput(CausalLMOutputWithPast):
+class OMGOutput(LlavaOutput):
     """The LM output plus the parts of the loss and the [SEG] masks (last decoder layer)."""
 
     text_loss: torch.Tensor | None = None
@@ -106,31 +105,73 @@ class OMGOutput(CausalLMOutputWithPast):
     object_regularizer: torch.Tensor | None = None
 
 
-@dataclass
-class SegmentationResult:
-    """One answer: its text (markup kept) and one entry per [SEG], in order."""
+class OMGBatchFields(BatchFields):
+    """A record's `masks` (one COCO RLE per [SEG] in the answers) and `visual_prompts` (one per `<region>` /
+    `<mark>` in the user turns) as the forward's `seg_masks` / `visual_prompts`, brought into the
+    segmenter's padded, resized input frame (`mask_targets` / `prompt_regions`; `tests/omg_batches.py` is
+    the reference). Both are in text order, so a sample cut on the right keeps the first k masks for the
+    k [SEG] that survive, and the first k prompts for the k markers."""
 
-    text: str
-    masks: list[np.ndarray] = field(default_factory=list)
-    phrases: list[str] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
+    names = ("seg_masks", "visual_prompts")
+    RECORD_FIELDS = {"seg_masks": "masks", "visual_prompts": "visual_prompts"}
 
-    @property
-    def rles(self) -> list[dict[str, Any]]:
-        """COCO compressed RLE per mask, counts as str (JSON-ready)."""
-        out = []
-        for mask in self.masks:
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            out.append({"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")})
+    def __init__(self, token_ids: Mapping[str, int], image_size: int) -> None:
+        self.token_ids = dict(token_ids)
+        self.image_size = image_size
+
+    def check(self, tokenizer: Any, preprocessor: ImagePreprocessor) -> None:
+        """The [SEG] and marker ids count the entries a sample keeps, and targets live in a padded square."""
+        vocab = tokenizer.get_vocab()
+        wanted = (SEG_TOKEN, REGION_TOKEN, MARK_TOKEN)
+        missing = [t for t in wanted if t not in vocab]
+        if missing:
+            raise ConfigError(
+                f"pixel targets need a tokenizer with {', '.join(missing)} (an OMG-LLaVA model)"
+            )
+        if any(vocab[t] != self.token_ids[t] for t in wanted):
+            raise ConfigError("pixel targets: the tokenizer's [SEG]/<region>/<mark> ids are not the model's")
+        if preprocessor.mode != "pad":
+            raise ConfigError(f"vision.image_mode: pixel targets need 'pad', got {preprocessor.mode!r}")
+        if preprocessor.size != self.image_size:
+            raise ConfigError(
+                f"vision.image_size: pixel targets need {self.image_size}, got {preprocessor.size}"
+            )
+
+    def kept(self, sample: Sample, input_ids: Sequence[int]) -> dict[str, tuple[int, int]]:
+        """More tokens than entries (a template that adds [SEG]) is an error naming the record."""
+        found = {
+            "seg_masks": input_ids.count(self.token_ids[SEG_TOKEN]),
+            "visual_prompts": sum(input_ids.count(self.token_ids[t]) for t in (REGION_TOKEN, MARK_TOKEN)),
+        }
+        out = {}
+        for name, record_name in self.RECORD_FIELDS.items():
+            value = sample.extra.get(record_name)
+            if value is None:
+                continue
+            if found[name] > len(value):
+                raise DataError(
+                    f"{sample.source}: field '{record_name}': {len(value)} entries but {found[name]} "
+                    "tokens after encoding"
+                )
+            out[name] = (len(value), found[name])
         return out
 
-    @property
-    def plain_text(self) -> str:
-        """The text without [SEG] and phrase markers, for display."""
-        text = self.text.replace(SEG_TOKEN, "").replace(PHRASE_START, "").replace(PHRASE_END, "")
-        return re.sub(r"\s+([.,;:!?])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+    def build(
+        self, sample: Sample, kept: Mapping[str, int], image_sizes: Sequence[tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Masks (n, S, S) over the last image (the one [SEG] decodes against) and prompt regions."""
+        out: dict[str, Any] = {}
+        if "seg_masks" in kept:
+            width, height = image_sizes[-1]
+            rles = sample.extra["masks"][: kept["seg_masks"]]
+            out["seg_masks"] = mask_targets(rles, width, height, self.image_size)
+        if "visual_prompts" in kept:
+            prompts = sample.extra["visual_prompts"][: kept["visual_prompts"]]
+            out["visual_prompts"] = prompt_regions(prompts, image_sizes, self.image_size)
+        return out
 
 
+@register_model_class("omg")
 class OMGLlavaModel(LlavaModel):
     """LlavaModel + [SEG] head over the OMG tower's frozen segmenter."""
 
@@ -146,8 +187,27 @@ class OMGLlavaModel(LlavaModel):
             raise ConfigError(f"vision.type: an OMG model needs the 'omg' tower, got {config.vision.type!r}")
         self.token_ids = add_omg_tokens(tokenizer, language_model)
         self.seg_token_id = self.token_ids[SEG_TOKEN]
-        vision_tower.attach_language_model(language_model.get_input_embeddings().embedding_dim)
+        vision_tower.attach_language_model(
+            language_model.get_input_embeddings().embedding_dim, self.projector
+        )
         self._processor: Any = None
+
+    def batch_fields(self) -> OMGBatchFields:
+        """[SEG] masks and visual prompts travel with a record's sample into the forward."""
+        return OMGBatchFields(self.token_ids, self.config.vision.image_size)
+
+    def loss_counts(self, inputs: Mapping[str, Any]) -> dict[str, int]:
+        """Text CE per supervised token, the mask terms per [SEG] target and the regulariser (when on) per
+        image: each a mean over the global batch, however it is split."""
+        masks = sum(len(m) for m in inputs.get("seg_masks") or [] if m is not None)
+        counts = {TEXT_LOSS: supervised_tokens(inputs["labels"]), "mask_bce": masks, "mask_dice": masks}
+        if self.vision_tower.object_regularizer:
+            counts["object_regularizer"] = len(inputs.get("images") or [])
+        return counts
+
+    def encode_images(self, images: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+        """Per-image LLM-space tokens: the OMG tower projects its two kinds of tokens itself."""
+        return self.vision_tower(images)
 
     @property
     def seg_head(self) -> nn.Module:
@@ -274,7 +334,6 @@ class OMGLlavaModel(LlavaModel):
         loss_reduction: str | None = None,
         seg_masks: Sequence[torch.Tensor | None] | None = None,
         visual_prompts: Sequence[Sequence[PromptRegion] | None] | None = None,
-        global_counts: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """The core forward's contract (`loss_reduction="sum"`: summed text CE, no logits), with empty
@@ -284,14 +343,14 @@ class OMGLlavaModel(LlavaModel):
         both are means. `visual_prompts`: per row, the regions that fill its `<region>`/`<mark>` tokens in
         order (`prompt_region`; None: markers stay plain tokens). With labels and
         `vision.extra.object_regularizer` = w > 0, w * `object_regularizer_loss` is added (times the
-        supervised token count under "sum", so the trainer's per-token average leaves w * MSE).
+        supervised token count under "sum", so a per-token average leaves w * MSE).
 
-        `global_counts` ("tokens", "masks", "images" of the whole global batch, summed over micro-batches
-        and processes) is how the trainer makes every term split-invariant: it divides the summed loss by
-        the global token count, so under "sum" the mask terms are scaled by tokens / masks and the
-        regulariser by tokens / images * (this batch's images). The step's loss is then text CE per token
-        + 2.0 * BCE and 0.5 * Dice per mask + w * MSE per image, however the global batch is split.
-        `mask_bce` / `mask_dice` / `object_regularizer` in the output stay unscaled."""
+        Under "sum" `loss_parts` holds each term as (sum, count, weight): `text_ce` over supervised tokens,
+        `mask_bce` / `mask_dice` over target masks (weights 2.0 / 0.5), `object_regularizer` over images
+        (weight w). The trainer sums them over the global batch, so the step trains text CE per token +
+        2.0 * BCE and 0.5 * Dice per mask + w * MSE per image however the batch is split (`loss_counts`
+        gives the counts before the forward). `mask_bce` / `mask_dice` / `object_regularizer` in the output
+        are the unweighted sums (means without "sum")."""
         if loss_reduction not in (None, "sum"):
             raise ValueError('loss_reduction="sum" is the only reduction')
         embeds, mask, positions, counts = self.prepare_inputs(
@@ -319,13 +378,9 @@ class OMGLlavaModel(LlavaModel):
             )
             text_loss = loss
             if regularizer is not None:
-                scale = 1.0
-                if loss_reduction == "sum":
-                    scale = float(supervised)
-                    if global_counts is not None and global_counts.get("images"):
-                        scale = global_counts["tokens"] * len(images) / global_counts["images"]  # type: ignore[arg-type]
-                loss = loss + weight * regularizer * scale
+                loss = loss + weight * regularizer * (float(supervised) if loss_reduction == "sum" else 1.0)
         bce = dice = None
+        num_masks = 0
         mask_logits = []
         if seg_masks is not None:
             rows = self._images_per_row(input_ids, counts)
@@ -351,12 +406,21 @@ class OMGLlavaModel(LlavaModel):
             zero = hidden.new_zeros((), dtype=torch.float32)
             bce = reduce(torch.cat(bces)) if bces else zero
             dice = reduce(torch.cat(dices)) if dices else zero
+            num_masks = sum(len(b) for b in bces)
             masks_loss = MASK_BCE_WEIGHT * bce + MASK_DICE_WEIGHT * dice
-            if loss_reduction == "sum" and global_counts is not None and global_counts.get("masks"):
-                masks_loss = masks_loss * (global_counts["tokens"] / global_counts["masks"])
             loss = masks_loss if loss is None else loss + masks_loss
+        parts = None
+        if loss_reduction == "sum":
+            parts = {TEXT_LOSS: LossPart(text_loss, supervised)}
+            if bce is not None:
+                parts["mask_bce"] = LossPart(bce, num_masks, MASK_BCE_WEIGHT)
+                parts["mask_dice"] = LossPart(dice, num_masks, MASK_DICE_WEIGHT)
+            if regularizer is not None:
+                count = len(images)  # type: ignore[arg-type]
+                parts["object_regularizer"] = LossPart(regularizer * count, count, weight)
         return OMGOutput(
             loss=loss,
+            loss_parts=parts,
             text_loss=text_loss,
             mask_bce=bce,
             mask_dice=dice,
@@ -394,10 +458,9 @@ class OMGLlavaModel(LlavaModel):
     # -- inference -----------------------------------------------------------------------------------
 
     @property
-    def processor(self) -> Any:
+    def processor(self) -> Processor:
+        """The model's own processor (its config's template), built on first use."""
         if self._processor is None:
-            from unillava.processor import Processor
-
             self._processor = Processor.for_model(self)
         return self._processor
 
@@ -409,244 +472,3 @@ class OMGLlavaModel(LlavaModel):
         return prompt_regions(
             visual_prompts, [(p.width, p.height) for p in pictures], self.config.vision.image_size
         )
-
-    def _check_prompt_markers(self, input_ids: torch.Tensor, regions: Sequence[Sequence[Any]] | None) -> None:
-        """The stated rule: each `<region>`/`<mark>` in a prompt needs exactly one visual prompt and each
-        prompt one marker (`segment` and `chat_pixels` append markers when the text has none)."""
-        markers = torch.isin(
-            input_ids, torch.tensor([self.token_ids[REGION_TOKEN], self.token_ids[MARK_TOKEN]])
-        )
-        for row, count in enumerate(markers.sum(dim=1).tolist()):
-            given = 0 if regions is None else len(regions[row])
-            if count != given:
-                raise UnillavaError(
-                    f"conversation {row}: {count} <region>/<mark> marker(s) but {given} visual "
-                    "prompt(s); give one box/point/mask per marker"
-                )
-
-    @torch.no_grad()
-    def generate_results(
-        self,
-        conversations: Sequence[list[Message]],
-        images: Sequence[Sequence[Image.Image]],
-        *,
-        max_new_tokens: int = 256,
-        visual_prompts: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
-    ) -> list[SegmentationResult]:
-        """Greedy answers, then one teacher-forced pass per answer to read the [SEG] hidden states and
-        decode their masks at each image's own size (binarised at probability 0.5). `visual_prompts`: per
-        conversation, prompt dicts that fill its `<region>`/`<mark>` tokens in order."""
-        from unillava.inference import GenerationSettings
-
-        processor = self.processor
-        settings = GenerationSettings(max_new_tokens=max_new_tokens)
-        regions = None
-        if visual_prompts is not None:
-            regions = [
-                self.prompt_regions(p or [], ims) for p, ims in zip(visual_prompts, images, strict=True)
-            ]
-        batch, lengths = processor.prompt_batch(list(conversations), [list(ims) for ims in images])
-        self._check_prompt_markers(batch.input_ids, regions)
-        batch = batch.to(self.device)
-        new_ids = self.generate(
-            batch.input_ids,
-            attention_mask=batch.attention_mask,
-            images=batch.images,
-            visual_prompts=regions,
-            **settings.generate_kwargs(processor),
-        )
-        stops = set(processor.stop_token_ids) | {processor.tokenizer.pad_token_id}
-        results = []
-        image_start = 0
-        for row, length in enumerate(lengths):
-            row_images = batch.images[image_start : image_start + len(images[row])]
-            image_start += len(images[row])
-            answer = []
-            for token in new_ids[row].tolist():
-                if token in stops:
-                    break
-                answer.append(token)
-            text = processor.tokenizer.decode(answer, skip_special_tokens=True).strip()
-            result = SegmentationResult(text, phrases=phrases_for_segs(text))
-            if self.seg_token_id in answer and row_images:
-                prompt = batch.input_ids[row, batch.input_ids.shape[1] - length :]
-                ids = torch.cat([prompt, torch.tensor(answer, device=prompt.device)])[None]
-                hidden = self.last_hidden_states(ids, row_images, None if regions is None else regions[row])
-                positions = (ids[0] == self.seg_token_id).nonzero().flatten()
-                decoded = self.decode_seg(row_images[-1], hidden[positions])
-                picture = images[row][-1]
-                geometry = PadGeometry(picture.width, picture.height, self.config.vision.image_size)
-                size = row_images[-1].shape[-1]
-                logits = F.interpolate(
-                    decoded.mask_logits[-1][:, 0:1].float(),
-                    size=(size, size),
-                    mode="bilinear",
-                    align_corners=False,
-                )[:, 0]
-                probs = geometry.logits_to_image(logits).sigmoid()
-                for q in range(probs.shape[0]):
-                    mask = (probs[q] > 0.5).cpu().numpy()
-                    result.masks.append(mask)
-                    result.scores.append(float(probs[q][probs[q] > 0.5].mean()) if mask.any() else 0.0)
-                result.phrases = (result.phrases + [""] * len(result.masks))[: len(result.masks)]
-            results.append(result)
-        return results
-
-    def segment(
-        self,
-        image: Image.Image,
-        prompt: str,
-        *,
-        max_new_tokens: int = 64,
-        visual_prompts: Sequence[Mapping[str, Any]] | None = None,
-    ) -> SegmentationResult:
-        """One image, one prompt ("Please segment the red circle in this image.") -> text and masks.
-        `visual_prompts` (box / point / mask dicts in image pixels) fill the prompt's `<region>`/`<mark>`
-        tokens, which are appended when the prompt has none."""
-        conversation = [user_message(prompt, 1)]
-        if visual_prompts:
-            conversation = with_prompt_markers(conversation, visual_prompts)
-        return self.generate_results(
-            [conversation],
-            [[image]],
-            max_new_tokens=max_new_tokens,
-            visual_prompts=[list(visual_prompts)] if visual_prompts else None,
-        )[0]
-
-    def generate_with_masks(
-        self,
-        conversations: Sequence[list[Message]],
-        images: Sequence[Sequence[Any]],
-        *,
-        batch_size: int = 8,
-        max_new_tokens: int = 256,
-        progress: Any = None,
-        visual_prompts: Sequence[Sequence[Mapping[str, Any]] | None] | None = None,
-    ) -> list[tuple[str, list[dict[str, Any]]]]:
-        """The benchmark runner's hook: (text, masks as COCO RLE dicts) per conversation; `visual_prompts`
-        (per conversation, None for none) fill the `<region>`/`<mark>` markers of region tasks."""
-        from unillava.inference import _as_image
-
-        out: list[tuple[str, list[dict[str, Any]]]] = []
-        for start in range(0, len(conversations), batch_size):
-            chunk = [[_as_image(im) for im in entry] for entry in images[start : start + batch_size]]
-            prompts = None if visual_prompts is None else visual_prompts[start : start + batch_size]
-            for result in self.generate_results(
-                conversations[start : start + batch_size],
-                chunk,
-                max_new_tokens=max_new_tokens,
-                visual_prompts=prompts,
-            ):
-                out.append((result.text, result.rles))
-            if progress is not None:
-                progress.update(len(chunk))
-        return out
-
-    def chat_pixels(
-        self,
-        conversation: list[Message],
-        images: list[Image.Image],
-        visual_prompts: list[dict[str, Any]],
-        *,
-        settings: Any,
-        return_masks: bool,
-    ) -> tuple[str, list[dict[str, Any]]]:
-        """The server's pixel-level hook (docs/serving.md): the greedy answer (up to
-        `settings.max_new_tokens`) and one mask per [SEG]. Prompts fill
-        the conversation's `<region>`/`<mark>` tokens in order; when it has none, "region1 <region>" (or
-        "point1 <mark>" for points) is appended to the last user turn for each prompt."""
-        if visual_prompts:
-            conversation = with_prompt_markers(conversation, visual_prompts)
-        result = self.generate_results(
-            [conversation],
-            [images],
-            max_new_tokens=settings.max_new_tokens,
-            visual_prompts=[visual_prompts] if visual_prompts else None,
-        )[0]
-        if not return_masks:
-            return result.text, []
-        masks = [
-            {"mask": m, "phrase": p, "score": s, "image_index": len(images) - 1}
-            for m, p, s in zip(result.masks, result.phrases, result.scores, strict=True)
-        ]
-        return result.text, masks
-
-
-def with_prompt_markers(
-    conversation: list[Message], visual_prompts: Sequence[Mapping[str, Any]]
-) -> list[Message]:
-    """The conversation, with a marker per prompt appended to the last user turn if it has none at all."""
-    if any(REGION_TOKEN in m.text or MARK_TOKEN in m.text for m in conversation):
-        return conversation
-    markers = " ".join(
-        f"point{i + 1} {MARK_TOKEN}" if p.get("type") == "point" else f"region{i + 1} {REGION_TOKEN}"
-        for i, p in enumerate(visual_prompts)
-    )
-    last_user = max(i for i, m in enumerate(conversation) if m.role == "user")
-    out = list(conversation)
-    out[last_user] = Message("user", [*conversation[last_user].content, " " + markers])
-    return out
-
-
-@dataclass
-class SegBatch:
-    """A training batch with its pixel-level targets: `model(**seg.inputs())`."""
-
-    batch: Any
-    seg_masks: list[torch.Tensor]
-    visual_prompts: list[list[PromptRegion]]
-
-    def inputs(self) -> dict[str, Any]:
-        return {
-            **self.batch.model_inputs(),
-            "seg_masks": self.seg_masks,
-            "visual_prompts": self.visual_prompts,
-        }
-
-
-def seg_batch(model: OMGLlavaModel, records: Sequence[Mapping[str, Any]], image_root: str | Path) -> SegBatch:
-    """Training inputs from LLaVA-format records as the shapes tasks write them: `masks` (one COCO RLE
-    per [SEG], in answer order; refseg, reasonseg, gcg) and `visual_prompts` (one per `<region>`/`<mark>`;
-    region tasks), with targets (n, S, S) in the segmenter's input frame."""
-    processor = model.processor
-    size = model.config.vision.image_size
-    encoded, pixel_lists, targets, prompts = [], [], [], []
-    for i, record in enumerate(records):
-        sample = parse_record(record, source=f"record {i}")
-        pictures = [load_image(Path(image_root) / name) for name in sample.images]
-        pixels = processor.preprocess_images(pictures)
-        encoded.append(processor.encode(sample.messages, pixels))
-        pixel_lists.append(pixels)
-        rles = record.get("masks") or []
-        targets.append(
-            mask_targets(rles, pictures[-1].width, pictures[-1].height, size)
-            if rles
-            else torch.zeros(0, size, size)
-        )
-        prompts.append(model.prompt_regions(record.get("visual_prompts") or [], pictures))
-    return SegBatch(processor.collate(encoded, pixel_lists, padding_side="right"), targets, prompts)
-
-
-# The released OMG-LLaVA checkpoints are XTuner `.pth` state dicts of `OMG_LLaVA` (omg_llava/model/
-# omg_llava.py in the OMG-Seg repository). The projector table and `convert_xtuner_projectors` live with
-# the full converter (segmenter, InternLM2 + LoRA, tokenizer) in `unillava.hub.omg_xtuner`.
-
-
-def load_xtuner_projectors(model: OMGLlavaModel, path: str | Path) -> list[str]:
-    """Load the projector parts of a released `.pth` into `model` (shapes checked); returns the keys not
-    loaded. The model must be built with the matching LLM width and segmenter (ConvNeXt-L, 256-d queries)."""
-    raw = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = raw.get("state_dict", raw) if isinstance(raw, Mapping) else raw
-    converted, left = convert_xtuner_projectors(state)
-    if not converted:
-        raise ConfigError(f"{path}: no OMG-LLaVA projector weights found (is it an XTuner OMG-LLaVA .pth?)")
-    own = model.state_dict()
-    for key, value in converted.items():
-        if key not in own:
-            raise ConfigError(f"{path}: {key} has no counterpart in this model")
-        if tuple(own[key].shape) != tuple(value.shape):
-            raise ConfigError(
-                f"{path}: {key} is {tuple(value.shape)} but the model has {tuple(own[key].shape)}"
-            )
-    model.load_state_dict(converted, strict=False)
-    return left

@@ -23,10 +23,10 @@ from pycocotools.cocoeval import COCOeval
 
 from unillava.config import CLIP_MEAN, CLIP_STD
 from unillava.data.images import ImagePreprocessor, load_image
-from unillava.data.shapes import decode_mask
+from unillava.data.masks import decode_mask
 from unillava.errors import DataError
-from unillava.perception.geometry import PadGeometry
-from unillava.perception.model import PerceptionModel
+from unillava.omg.perception.geometry import PadGeometry
+from unillava.omg.perception.model import PerceptionModel
 
 
 @dataclass

@@ -17,7 +17,15 @@ The layout follows the released code's projector so its weights map one to one: 
 (`mlp2x_gelu` over 4C + 2D) is `projector.model.model_feat`, `query_projection` / `object_mlp` /
 `separator` are `projector.model.query_proj` / `.model` / `.seperate_embed`, and `seg_head` (the [SEG]
 text-to-vision MLP, H -> 2D -> 2D) is `projector_text2vision`. The LLM-space parts need the LLM's width,
-so `OMGLlavaModel` creates them with `attach_language_model(H)`.
+so `OMGLlavaModel` creates them with `attach_language_model(H, projector)`.
+
+`encode_batch` (so `VisionTower.forward`) gives the sequence exactly as the model splices it, in the LLM's
+space (width H, not `hidden_size`): the two kinds of tokens go through different projections (pixel
+tokens through the core projector, object tokens through the object path), so there is no single
+tower-space sequence one projector could map. The tower therefore keeps a reference to the model's core
+projector (not a submodule: its weights stay the model's `projector.*`), and `OMGLlavaModel.encode_images`
+does not project again. What the sequence alone cannot say is which object slots are empty (zeros);
+`embed` returns that too, for the attention mask.
 
 Token count policy: a fixed maximum with the padding masked out. Each image gets
 `grid + 1 + max_object_tokens` slots (`extra.max_object_tokens`, default the query count), so the count
@@ -54,8 +62,8 @@ from torch import nn
 
 from unillava.config import VisionConfig
 from unillava.errors import ConfigError
-from unillava.perception.model import PerceptionModel, PerceptionOutput
-from unillava.vision import VisionTower, register_tower
+from unillava.omg.perception.model import PerceptionModel, PerceptionOutput
+from unillava.vision.base import VisionTower, register_tower
 
 EXTRA_KEYS = (
     "use_prior",
@@ -181,13 +189,17 @@ class OMGTower(VisionTower):
         self.hidden_size = pixel_width + (self.query_dim if self.use_prior else 0)
         self.query_projection = nn.Linear(self.query_dim, pixel_width)
         self.text_hidden: int | None = None
+        self._projector: nn.Module | None = None
         self._cache: OrderedDict[str, PerceptionOutput] = OrderedDict()
         self.perception.requires_grad_(False)
         self.perception.eval()
 
-    def attach_language_model(self, text_hidden: int) -> None:
+    def attach_language_model(self, text_hidden: int, projector: nn.Module | None = None) -> None:
         """Create the LLM-space parts (object MLP, separator, [SEG] head) for an LLM of width `text_hidden`;
-        they take the tower's current trainability."""
+        they take the tower's current trainability. `projector` (the model's core projector) is what
+        `encode_batch` maps pixel tokens with; it is held by reference, outside the tower's modules."""
+        if projector is not None:
+            object.__setattr__(self, "_projector", projector)  # not registered: no vision_tower.* copy
         if self.text_hidden == text_hidden:
             return
         trainable = self.query_projection.weight.requires_grad
@@ -332,7 +344,12 @@ class OMGTower(VisionTower):
         return features, valid
 
     def encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise ConfigError("OMG tower: its tokens are assembled in the LLM's space by OMGLlavaModel (embed())")
+        """(B, 3, H, W) -> (B, num_tokens, text_hidden): per image what the model splices (projected pixel
+        tokens, separator, object tokens, zeros in empty slots), one image at a time as the model embeds."""
+        if self._projector is None:
+            raise ConfigError("OMG tower: attach_language_model(H, projector) first (OMGLlavaModel does)")
+        features, _ = self.embed(list(pixel_values), self._projector)
+        return torch.stack(features)
 
 
 def _slice(out: PerceptionOutput, index: int) -> PerceptionOutput:

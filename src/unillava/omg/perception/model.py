@@ -25,8 +25,8 @@ from transformers.models.mask2former.modeling_mask2former import Mask2FormerHung
 from transformers.utils import logging as hf_logging
 
 from unillava.errors import CheckpointError
-from unillava.perception.matching import install_fallback_solver
-from unillava.perception.omg_seg import (
+from unillava.omg.perception.matching import install_fallback_solver
+from unillava.omg.perception.omg_seg import (
     apply_backbone_feature_norm,
     build_class_head,
     build_prompt_query,

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unillava.data.shapes import decode_mask
+from unillava.data.masks import decode_mask
 from unillava.errors import DataError
-from unillava.perception.geometry import PadGeometry
-from unillava.perception.model import PerceptionMemory, PerceptionModel
-from unillava.perception.omg_seg import PROMPT_ATTENTION, sine_encoding
+from unillava.omg.perception.geometry import PadGeometry
+from unillava.omg.perception.model import PerceptionMemory, PerceptionModel
+from unillava.omg.perception.omg_seg import PROMPT_ATTENTION, sine_encoding
 
 POINT_HALF_SIDE = 3 / 1024  # of the input side
 

@@ -8,13 +8,12 @@ before training starts, so skipped samples never reach a batch and the counts ar
 - a sample left without a supervised token is skipped (it would add nothing but a zero to the loss);
 - if every sample of the data is skipped, that is an error naming files and lines, not a run at loss 0.
 
-With `pixel_targets` (OMG-LLaVA models) a record's `masks` (one COCO RLE per [SEG] in the answers) and
-`visual_prompts` (one per `<region>` / `<mark>` in the user turns) travel with the sample, brought into the
-segmenter's padded, resized input frame (`unillava.perception.prompts.mask_targets` / `prompt_regions`, the
-conversion `unillava.omg.seg_batch` uses). Both are in text order, so truncation keeps them aligned by
-dropping from the end: a sample cut on the right keeps the first k masks for the k [SEG] tokens that
-survive, and the first k prompts for the k markers that survive (counted in the report as
-`masks_dropped` / `prompts_dropped`). Records without these fields train exactly as before.
+A model may train from more than ids, labels and images (OMG-LLaVA: [SEG] masks and visual prompts). It
+says so with the `BatchFields` it returns from `batch_fields()`, and this module only calls its hooks:
+the fields travel with each sample (`TrainItem.fields`) and reach the forward by name (`TrainBatch`). A
+field's entries are tied to tokens, so a sample cut on the right keeps the first k entries for the k
+tokens that survive; the report counts the rest per field (`dropped`). Records without such fields, and
+models without any, train exactly as before.
 
 The plan (kept samples, token lengths, modality, counts) can be cached in `cache_dir`, keyed by everything
 it depends on, so other processes and resumed runs do not encode a 665K-sample mix again.
@@ -22,6 +21,7 @@ it depends on, so other processes and resumed runs do not encode a 665K-sample m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,15 +39,9 @@ from tqdm.auto import tqdm
 
 from unillava.conversation import IGNORE_INDEX, Encoded
 from unillava.data.images import load_image
-from unillava.data.llava_format import (
-    MARK_TOKEN,
-    REGION_TOKEN,
-    SEG_TOKEN,
-    ConversationFile,
-    Sample,
-    apply_response_format,
-)
-from unillava.errors import ConfigError, DataError
+from unillava.data.llava_format import ConversationFile, Sample, apply_response_format
+from unillava.errors import DataError
+from unillava.modeling import BatchFields, supervised_tokens
 from unillava.processor import Batch, Processor
 
 MAX_EXAMPLES = 5
@@ -79,11 +73,6 @@ def truncate(encoded: Encoded, max_length: int, image_token_id: int) -> tuple[En
     return Encoded(ids, labels, encoded.num_image_slots), status
 
 
-def supervised_tokens(labels: torch.Tensor) -> int:
-    """Tokens that contribute to the causal-LM loss (labels are shifted by one inside the loss)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 @dataclass
 class DataReport:
     """What the truncation policy did, for the training log."""
@@ -93,8 +82,7 @@ class DataReport:
     truncated: int = 0
     skipped_no_supervision: int = 0
     skipped_image_cut: int = 0
-    masks_dropped: int = 0
-    prompts_dropped: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # per batch field: entries cut with their tokens
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, status: Status, source: str) -> None:
@@ -120,28 +108,55 @@ class DataReport:
             "truncated": self.truncated,
             "skipped_no_supervision": self.skipped_no_supervision,
             "skipped_image_cut": self.skipped_image_cut,
-            "masks_dropped": self.masks_dropped,
-            "prompts_dropped": self.prompts_dropped,
+            "dropped": dict(self.dropped),
             "examples": self.examples,
         }
 
 
 @dataclass
 class TrainItem:
-    """One sample; `seg_masks` (n, S, S) and `visual_prompts` only when its record has those fields."""
+    """One sample; `fields` holds the model's batch fields its record has (`BatchFields.build`)."""
 
     encoded: Encoded
     pixel_values: list[torch.Tensor]
     source: str
-    seg_masks: torch.Tensor | None = None
-    visual_prompts: list[Any] | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_device(value: Any, device: torch.device | str) -> Any:
+    """Tensors moved, lists and tuples walked; anything else (a prompt region) goes as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if type(value) is tuple:
+        return tuple(_to_device(v, device) for v in value)
+    return value
+
+
+@dataclass
+class TrainBatch(Batch):
+    """A collated batch plus the model's batch fields, per row (None for a row whose record lacks one),
+    passed to the forward by name."""
+
+    fields: dict[str, list[Any]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, batch: Batch, extra: dict[str, list[Any]]) -> TrainBatch:
+        return cls(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(Batch)}, fields=extra)
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch.of(super().to(device), {k: _to_device(v, device) for k, v in self.fields.items()})
+
+    def model_inputs(self) -> dict[str, Any]:
+        return {**super().model_inputs(), **self.fields}
 
 
 class SupervisedDataset(Dataset):
     """Kept samples of one or more LLaVA-format files, encoded and truncated; images loaded on access.
 
-    `pixel_targets`: carry `masks` / `visual_prompts` for an OMG-LLaVA model (its tokenizer must know
-    [SEG], <region> and <mark>, and images must be padded squares); see the module docstring for the rule.
+    `fields`: the model's extra per-record inputs (`model.batch_fields()`; none by default), see the
+    module docstring for how truncation treats them.
     """
 
     def __init__(
@@ -154,7 +169,7 @@ class SupervisedDataset(Dataset):
         max_length: int,
         progress: bool = False,
         cache_dir: str | Path | None = None,
-        pixel_targets: bool = False,
+        fields: BatchFields | None = None,
     ) -> None:
         if not files:
             raise DataError("no training files given")
@@ -166,8 +181,8 @@ class SupervisedDataset(Dataset):
         self.processor = processor
         self.response_format = response_format
         self.max_length = max_length
-        self.pixel_targets = pixel_targets
-        self._seg_id, self._marker_ids = self._pixel_token_ids() if pixel_targets else (-1, (-1, -1))
+        self.fields = fields if fields is not None else BatchFields()
+        self.fields.check(processor.tokenizer, processor.image_preprocessor)
         self.report = DataReport()
         self._index: list[tuple[int, int]] = []
         self.lengths: list[int] = []
@@ -181,40 +196,6 @@ class SupervisedDataset(Dataset):
                 self._save_plan(self.cache_file)
         self._check_not_empty()
 
-    def _pixel_token_ids(self) -> tuple[int, tuple[int, int]]:
-        """[SEG] and the marker ids, which count the masks and prompts a truncated sample keeps."""
-        vocab = self.processor.tokenizer.get_vocab()
-        missing = [t for t in (SEG_TOKEN, REGION_TOKEN, MARK_TOKEN) if t not in vocab]
-        if missing:
-            raise ConfigError(
-                f"pixel targets need a tokenizer with {', '.join(missing)} (an OMG-LLaVA model)"
-            )
-        if self.processor.image_preprocessor.mode != "pad":
-            raise ConfigError(
-                f"vision.image_mode: pixel targets need 'pad', got {self.processor.image_preprocessor.mode!r}"
-            )
-        return vocab[SEG_TOKEN], (vocab[REGION_TOKEN], vocab[MARK_TOKEN])
-
-    def _kept_pixel_counts(self, sample: Sample, encoded: Encoded) -> tuple[int | None, int | None]:
-        """How many masks and prompts the kept (possibly truncated) ids still have tokens for; None for a
-        field the record lacks. More tokens than entries (a template that adds [SEG]) is an error."""
-        counts: list[int | None] = []
-        ids = encoded.input_ids
-        for name, found in (
-            ("masks", ids.count(self._seg_id)),
-            ("visual_prompts", sum(ids.count(i) for i in self._marker_ids)),
-        ):
-            value = sample.extra.get(name)
-            if value is None:
-                counts.append(None)
-                continue
-            if found > len(value):
-                raise DataError(
-                    f"{sample.source}: field '{name}': {len(value)} entries but {found} tokens after encoding"
-                )
-            counts.append(found)
-        return counts[0], counts[1]
-
     def _cache_key(self) -> str:
         """Everything the plan depends on: files (by size and mtime), tokenizer, template, image token counts."""
         processor = self.processor
@@ -222,7 +203,7 @@ class SupervisedDataset(Dataset):
         vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
         preprocessor = processor.image_preprocessor
         parts = {
-            "version": 1,
+            "version": 2,
             "files": [
                 [str(f.path.resolve()), f.path.stat().st_size, f.path.stat().st_mtime_ns, str(f.image_root)]
                 for f in self.files
@@ -237,7 +218,7 @@ class SupervisedDataset(Dataset):
             "image_token_id": processor.image_token_id,
             "preprocessor": preprocessor.to_dict(),
             "tower": [type(processor.tower).__name__, processor.tower.hf_config_dict()],
-            "pixel_targets": self.pixel_targets,
+            "fields": [type(self.fields).__module__, type(self.fields).__qualname__, list(self.fields.names)],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -272,12 +253,8 @@ class SupervisedDataset(Dataset):
                 kept, status = truncate(encoded, self.max_length, self.processor.image_token_id)
                 self.report.add(status, sample.source)
                 if status in (Status.KEPT, Status.TRUNCATED):
-                    if self.pixel_targets:
-                        masks, prompts = self._kept_pixel_counts(sample, kept)
-                        if masks is not None:
-                            self.report.masks_dropped += len(sample.extra["masks"]) - masks
-                        if prompts is not None:
-                            self.report.prompts_dropped += len(sample.extra["visual_prompts"]) - prompts
+                    for name, (entries, held) in self.fields.kept(sample, kept.input_ids).items():
+                        self.report.dropped[name] = self.report.dropped.get(name, 0) + entries - held
                     self._index.append((file_index, i))
                     self.lengths.append(len(kept.input_ids))
                     self.has_images.append(sample.num_images > 0)
@@ -352,41 +329,25 @@ class SupervisedDataset(Dataset):
             raise DataError(
                 f"{sample.source}: changed since the data was planned (now {status.name.lower()})"
             )
-        item = TrainItem(encoded, pixels, sample.source)
-        if self.pixel_targets:
-            self._add_pixel_targets(item, sample, [(p.width, p.height) for p in pictures])
-        return item
-
-    def _add_pixel_targets(self, item: TrainItem, sample: Sample, sizes: list[tuple[int, int]]) -> None:
-        """The record's masks and prompts in the input frame, cut to the tokens the kept ids hold."""
-        from unillava.perception.prompts import mask_targets, prompt_regions
-
-        masks, prompts = self._kept_pixel_counts(sample, item.encoded)
-        side = self.processor.image_preprocessor.size
+        kept = {name: held for name, (_, held) in self.fields.kept(sample, encoded.input_ids).items()}
         try:
-            if masks is not None:
-                width, height = sizes[-1]
-                item.seg_masks = mask_targets(sample.extra["masks"][:masks], width, height, side)
-            if prompts is not None:
-                item.visual_prompts = prompt_regions(sample.extra["visual_prompts"][:prompts], sizes, side)
+            extra = self.fields.build(sample, kept, [(p.width, p.height) for p in pictures]) if kept else {}
         except DataError as err:
             raise DataError(f"{sample.source}: {err}") from None
+        return TrainItem(encoded, pixels, sample.source, extra)
 
-    def collate(self, items: list[TrainItem]) -> Batch:
+    def collate(self, items: list[TrainItem]) -> TrainBatch:
         """Right-padded batch; a batch without any supervised token is an error, never a silent zero loss.
-        `seg_masks` / `visual_prompts` are set (per row, None for a row whose record has none) only when
-        some item has them, so batches of other data and models are unchanged."""
+        A batch field is set (per row, None for a row whose record lacks it) only when some item has it,
+        so batches of other data and models are unchanged."""
         batch = self.processor.collate(
             [it.encoded for it in items], [it.pixel_values for it in items], "right"
         )
         assert batch.labels is not None
         if supervised_tokens(batch.labels) == 0:
             raise DataError(f"batch without supervised tokens: {', '.join(it.source for it in items)}")
-        if any(it.seg_masks is not None for it in items):
-            batch.seg_masks = [it.seg_masks for it in items]
-        if any(it.visual_prompts is not None for it in items):
-            batch.visual_prompts = [it.visual_prompts for it in items]
-        return batch
+        names = dict.fromkeys(name for it in items for name in it.fields)
+        return TrainBatch.of(batch, {name: [it.fields.get(name) for it in items] for name in names})
 
 
 class ModalityLengthGroupedSampler(Sampler[list[int]]):

@@ -31,16 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sentencepiece
 import torch
+from tokenizers import Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
 from torch import Tensor
+from transformers import AddedToken, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import generate_merges
 
 from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
-from unillava.errors import CheckpointError
-from unillava.hub.convllava import convert_timm_convnext, read_state_dict
+from unillava.errors import CheckpointError, ConfigError
 from unillava.llm import build_language_model_from_config
 from unillava.modeling import model_class_for
+from unillava.omg.model import OMGLlavaModel
 from unillava.vision import build_vision_tower
-from unillava.weights import check_state_dict, key_list
+from unillava.vision.convnext import convert_timm_convnext
+from unillava.weights import check_state_dict, key_list, read_state_dict
 
 # OMG-LLaVA's image processor (its config): CLIP statistics, rounded as released; 1024 px padded squares.
 OMG_IMAGE_MEAN = [0.4814, 0.4578, 0.4082]
@@ -528,11 +534,6 @@ def internlm2_tokenizer(path: str | Path) -> Any:
     to every text segment between added tokens (sentencepiece's dummy prefix, when the model uses one),
     spaces as "▁", byte fallback. The result is checked against sentencepiece itself on sample text.
     """
-    import sentencepiece
-    from tokenizers import Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
-    from transformers import AddedToken, PreTrainedTokenizerFast
-    from transformers.tokenization_utils_base import generate_merges
 
     path = Path(path)
     model_file = path / "tokenizer.model"
@@ -593,7 +594,6 @@ def convert_llm(
 ) -> tuple[dict[str, Any], dict[str, Tensor], Any, list[str], dict[str, dict[str, str]]]:
     """Base InternLM2 + the `.pth`'s LLM tensors (full weights replace, LoRA deltas merge) -> (Llama config,
     Llama state, tokenizer with OMG-LLaVA's tokens, notes, unused keys per file)."""
-    from transformers import AddedToken
 
     config = read_llm_config(llm_dir)
     weights = read_state_dict(llm_dir)
@@ -829,3 +829,23 @@ def convert_xtuner_checkpoint(
     result = XTunerConversion(out, len(state), unused, notes)
     (out / REPORT_NAME).write_text(json.dumps({"notes": notes, "not_loaded": unused}, indent=2))
     return result
+
+
+def load_xtuner_projectors(model: OMGLlavaModel, path: str | Path) -> list[str]:
+    """Load the projector parts of a released `.pth` into `model` (shapes checked); returns the keys not
+    loaded. The model must be built with the matching LLM width and segmenter (ConvNeXt-L, 256-d queries)."""
+    raw = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = raw.get("state_dict", raw) if isinstance(raw, Mapping) else raw
+    converted, left = convert_xtuner_projectors(state)
+    if not converted:
+        raise ConfigError(f"{path}: no OMG-LLaVA projector weights found (is it an XTuner OMG-LLaVA .pth?)")
+    own = model.state_dict()
+    for key, value in converted.items():
+        if key not in own:
+            raise ConfigError(f"{path}: {key} has no counterpart in this model")
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"{path}: {key} is {tuple(value.shape)} but the model has {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(converted, strict=False)
+    return left

@@ -5,16 +5,16 @@ against it (its own learned queries, [SEG] queries from the LLM, region-restrict
 `train_segmenter` / `evaluate_segmenter` are stage 0 (COCO-format instances, mask AP via pycocotools).
 """
 
-from unillava.perception.geometry import PadGeometry
-from unillava.perception.model import (
+from unillava.omg.perception.geometry import PadGeometry
+from unillava.omg.perception.model import (
     DecodeOutput,
     PerceptionMemory,
     PerceptionModel,
     PerceptionOutput,
     tiny_perception_config,
 )
-from unillava.perception.prompts import PromptRegion, encode_prompts, prompt_region
-from unillava.perception.train import evaluate_segmenter, load_instances, train_segmenter
+from unillava.omg.perception.prompts import PromptRegion, encode_prompts, prompt_region
+from unillava.omg.perception.train import evaluate_segmenter, load_instances, train_segmenter
 
 __all__ = [
     "DecodeOutput",

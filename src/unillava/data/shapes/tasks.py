@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from unillava.data.shapes import COLOR_NAMES, CORNERS, FINE_TEXT_MAX_FONT, SHAPES, TEXT_CHARS
+from unillava.data.shapes.scene import COLOR_NAMES, CORNERS, FINE_TEXT_MAX_FONT, SHAPES, TEXT_CHARS
 from unillava.errors import DataError
+from unillava.prompts import GCG_PROMPT, PROMPT_LETTER, PROMPT_SHORT, REFSEG_PROMPT, REGION_CAPTION_PROMPT
 
 ALL_TASKS: tuple[str, ...] = (
     "caption",
@@ -35,12 +36,9 @@ ALL_TASKS: tuple[str, ...] = (
 # "instances" is the COCO file under annotations/, not a jsonl.
 JSONL_TASKS: tuple[str, ...] = ALL_TASKS[:-1]
 
-SHORT_PROMPT = "\nAnswer the question using a single word or phrase."
-MC_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-GCG_PROMPT = (
-    "Could you please give me a detailed description of the image? "
-    "Please respond with interleaved segmentation masks for the corresponding parts of the answer."
-)
+# LLaVA-1.5's response-format prompts, on their own line after the question (unillava.prompts).
+SHORT_SUFFIX = "\n" + PROMPT_SHORT
+MC_SUFFIX = "\n" + PROMPT_LETTER
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
     "Give a short caption for the image.",
@@ -54,11 +52,10 @@ DETAIL_PROMPTS = (
     "Provide a detailed description of the given image.",
     "What do you see in this image? Describe every object.",
 )
-REFSEG_PROMPT = "Please segment {} in this image."
 REGION_CAPTION_PROMPTS = (
-    "Can you provide me with a detailed description of the region in the picture marked by {}?",
-    "What is in {}? Please describe it briefly.",
-    "Please describe the object marked by {} in the image.",
+    REGION_CAPTION_PROMPT,
+    "What is in {region}? Please describe it briefly.",
+    "Please describe the object marked by {region} in the image.",
 )
 LONG_STYLE_PROB = 0.2
 MARGIN = 0.04  # fraction of the image side that separates "clearly left" from "about the same"
@@ -88,9 +85,9 @@ REASON_TEXT: dict[str, str] = {
     "smallest_number": "the object showing the smallest number",
 }
 REASON_PROMPTS = (
-    "Please segment {} in this image.",
-    "Can you segment {}? Please output the segmentation mask.",
-    "Find {} and segment it.",
+    REFSEG_PROMPT,
+    "Can you segment {expression}? Please output the segmentation mask.",
+    "Find {expression} and segment it.",
 )
 ATTR_COMBOS: tuple[tuple[str, ...], ...] = (
     ("shape",),
@@ -582,7 +579,7 @@ def _vqa_records(
         if rng.random() < LONG_STYLE_PROB:
             human, gpt, style = question, sentence, "long"
         else:
-            human, gpt, style = question + SHORT_PROMPT, answers[0], "short"
+            human, gpt, style = question + SHORT_SUFFIX, answers[0], "short"
         out.append(
             _record(
                 scene, split, index, task, len(out), human, gpt, qtype=qtype, answers=answers, style=style
@@ -627,7 +624,7 @@ def _mc_records(scene: Mapping, split: str, index: int, rng: np.random.Generator
         options = _shuffled(rng, [correct, *_shuffled(rng, pool)[:3]])
         letter = OPTION_LETTERS[options.index(correct)]
         body = (
-            question + "".join(f"\n{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)) + MC_PROMPT
+            question + "".join(f"\n{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)) + MC_SUFFIX
         )
         out.append(
             _record(
@@ -664,7 +661,7 @@ def _pope_records(
             continue
         pairs = [(_pick(rng, present), "yes"), (_pick(rng, negatives[category]), "no")]
         for (color, shape), answer in _shuffled(rng, pairs):
-            question = f"Is there {article(color)} {color} {shape} in the image?" + SHORT_PROMPT
+            question = f"Is there {article(color)} {color} {shape} in the image?" + SHORT_SUFFIX
             out.append(
                 _record(
                     scene, split, index, "pope", len(out), question, answer, answer=answer, category=category
@@ -682,7 +679,7 @@ def _fine_text_records(scene: Mapping, split: str, index: int, rng: np.random.Ge
         spec = describe(scene, o, rng, exclude=("text",))
         if spec is None:
             continue
-        question = f"What character is written on {expression_text(spec)}?" + SHORT_PROMPT
+        question = f"What character is written on {expression_text(spec)}?" + SHORT_SUFFIX
         answers = [o["text"]] + ([o["text"].lower()] if o["text"].isalpha() else [])
         out.append(_record(scene, split, index, "fine_text", len(out), question, o["text"], answers=answers))
     return out
@@ -706,7 +703,7 @@ def _fine_count_records(scene: Mapping, split: str, index: int, rng: np.random.G
                 index,
                 "fine_count",
                 len(out),
-                question + SHORT_PROMPT,
+                question + SHORT_SUFFIX,
                 answers[0],
                 answers=answers,
             )
@@ -749,7 +746,7 @@ def _refseg_records(scene: Mapping, split: str, index: int, rng: np.random.Gener
                 index,
                 "refseg",
                 len(out),
-                REFSEG_PROMPT.format(expr),
+                REFSEG_PROMPT.format(expression=expr),
                 f"<p> {expr} </p> [SEG].",
                 expression=expr,
                 masks=[obj["segmentation"]],
@@ -777,7 +774,7 @@ def _reasonseg_records(scene: Mapping, split: str, index: int, rng: np.random.Ge
             index,
             "reasonseg",
             0,
-            _pick(rng, REASON_PROMPTS).format(expr),
+            _pick(rng, REASON_PROMPTS).format(expression=expr),
             f"<p> {desc} </p> [SEG].",
             expression=expr,
             description=desc,
@@ -811,7 +808,7 @@ def _region_caption_records(scene: Mapping, split: str, index: int, rng: np.rand
     out = []
     for obj in _shuffled(rng, scene["objects"])[:2]:
         kind = _prompt_kind(rng)
-        human = _pick(rng, REGION_CAPTION_PROMPTS).format(_marker(kind, 1))
+        human = _pick(rng, REGION_CAPTION_PROMPTS).format(region=_marker(kind, 1))
         caption = attr_phrase(attrs_of(obj), "a")
         attributes = {k: obj[k] for k in ("color", "shape", "size", "text")}
         out.append(
@@ -878,7 +875,7 @@ def _region_vqa_records(scene: Mapping, split: str, index: int, rng: np.random.G
                 index,
                 "region_vqa",
                 len(out),
-                question + SHORT_PROMPT,
+                question + SHORT_SUFFIX,
                 answers[0],
                 qtype=qtype,
                 visual_prompts=[_visual_prompt(o, k) for o, k in zip(targets, kinds, strict=True)],
