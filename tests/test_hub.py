@@ -33,6 +33,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 import unillava
 import unillava.cli as cli
+from unillava.config import VisionConfig
 from unillava.conversation import Message, user_message
 from unillava.errors import CheckpointError, UnillavaError
 from unillava.hub import detect_layout, export_hf, load_model, tower_config_from_dir
@@ -40,6 +41,7 @@ from unillava.inference import GenerationSettings
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
 from unillava.testing import tiny_clip_config, tiny_llama_config, tiny_model_config
+from unillava.vision import TOWERS, VisionTower
 
 N_PATCHES = 16  # 32px images, 8px patches
 MEAN = [0.5, 0.4, 0.3]
@@ -673,3 +675,23 @@ def test_user_text_never_becomes_a_special_token_with_a_processor_template(hf_re
     assert ids.count(model.image_token_id) == N_PATCHES
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") not in ids
     assert text in model.tokenizer.decode(ids)
+
+
+def test_a_tower_class_teaches_the_original_layout_its_directories(tmp_path, monkeypatch):
+    """A new tower family needs no hub table: its class names the config.json model_type it reads."""
+
+    class SiglipLike(VisionTower):
+        checkpoint_model_types = ("siglip_vision_model",)
+
+        @classmethod
+        def config_from_checkpoint(cls, path, data):
+            return VisionConfig(type="siglip_like", pretrained=str(path), image_size=data["image_size"])
+
+    monkeypatch.setitem(TOWERS, "siglip_like", SiglipLike)
+    tower_dir = tmp_path / "siglip"
+    tower_dir.mkdir()
+    (tower_dir / "config.json").write_text(
+        json.dumps({"model_type": "siglip_vision_model", "image_size": 48})
+    )
+    vision = tower_config_from_dir(tower_dir)
+    assert (vision.type, vision.pretrained, vision.image_size) == ("siglip_like", str(tower_dir), 48)

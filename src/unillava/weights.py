@@ -47,6 +47,17 @@ def check_state_dict(
         raise CheckpointError(f"{source}: shape mismatch (checkpoint vs model): {key_list(wrong)}")
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint's `file`, or a CheckpointError naming it."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: cannot read ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
 def has_weights(path: Path, names: Sequence[str] = WEIGHT_FILES) -> bool:
     """Whether directory `path` holds one of the weights files `names`."""
     return any((path / name).is_file() for name in names)

@@ -23,8 +23,6 @@ import torch
 from unillava.errors import CheckpointError
 from unillava.hub.llava_hf import export_hf, load_llava_hf
 from unillava.hub.original_llava import (
-    TOWER_KEY_RENAMES,
-    TOWER_LOADERS,
     is_original_llava,
     load_original_llava,
     tower_config_from_dir,
@@ -34,8 +32,6 @@ from unillava.modeling import CONFIG_NAME, LlavaModel
 Layout = Literal["unillava", "llava_hf", "original_llava"]
 
 __all__ = [
-    "TOWER_KEY_RENAMES",
-    "TOWER_LOADERS",
     "Layout",
     "detect_layout",
     "export_hf",

@@ -36,11 +36,10 @@ from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
 from unillava.projector import build_projector
 from unillava.vision import VisionTower, build_vision_tower
+from unillava.vision.base import PREPROCESSOR_CONFIG, PROCESSOR_CONFIG, preprocessing_from_image_processor
 from unillava.vision.clip import CLIPTower
-from unillava.weights import BIN_INDEX, SAFE_INDEX, SAFE_WEIGHTS, key_list, read_state_dict
+from unillava.weights import BIN_INDEX, SAFE_INDEX, SAFE_WEIGHTS, key_list, read_json, read_state_dict
 
-PROCESSOR_CONFIG = "processor_config.json"
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 # Buffers older transformers versions saved but that are recomputed now; dropped when our model lacks them.
@@ -233,53 +232,6 @@ def _renders(template: TokenizerChatTemplate, probe: list[Message], image: bool 
     texts = {s.text for s in segments if s.kind == "text"}
     has_image = any(s.kind == "image" for s in segments)
     return {"probe question", "probe answer"} <= texts and has_image == image
-
-
-def preprocessing_from_image_processor(
-    data: dict[str, Any], source: str, default_size: int
-) -> tuple[int, str, list[float], list[float]]:
-    """(image size, our image_mode, mean, std) from a transformers image-processor config.
-
-    `do_pad` -> "pad" (LLaVA-1.5's expand-to-square); a square resize without crop -> "resize"; a
-    shortest-edge resize plus centre crop (CLIPImageProcessor) -> "center_crop".
-    """
-    mean = list(data.get("image_mean") or CLIP_MEAN)
-    std = list(data.get("image_std") or CLIP_STD)
-    size_spec = data.get("size") or {}
-    crop_spec = data.get("crop_size") or {}
-    if isinstance(size_spec, int):
-        size_spec = {"shortest_edge": size_spec}
-    if isinstance(crop_spec, int):
-        crop_spec = {"height": crop_spec, "width": crop_spec}
-    center_crop = bool(data.get("do_center_crop", bool(crop_spec)))
-    if center_crop and crop_spec:
-        size = crop_spec.get("height")
-        width = crop_spec.get("width", size)
-    else:
-        size = size_spec.get("height", size_spec.get("shortest_edge"))
-        width = size_spec.get("width", size)
-    if size is None:
-        size = width = default_size
-    if size != width:
-        raise CheckpointError(f"{source}: non-square image size {width}x{size} is not supported")
-    if data.get("do_pad"):
-        mode = "pad"
-    elif not center_crop and "height" in size_spec:
-        mode = "resize"
-    else:
-        mode = "center_crop"
-    return int(size), mode, mean, std
-
-
-def read_json(file: Path) -> dict[str, Any]:
-    """A JSON object from `file`, or a CheckpointError naming it."""
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: cannot read ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------

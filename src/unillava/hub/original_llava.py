@@ -4,7 +4,8 @@ Such a directory holds a LlamaConfig-like `config.json` plus LLaVA's `mm_*` keys
 `model.*` (the LLM's decoder), `lm_head.*`, `model.mm_projector.*` and, when the tower was trained,
 `model.vision_tower.vision_tower.vision_model.*`. The vision tower itself is not in the directory:
 `mm_vision_tower` names a separate tower checkpoint: CLIP for LLaVA, ConvNeXt for ConvLLaVA (any
-`model_type` in `TOWER_LOADERS`). A stage-1 (projector pre-training) output holds only
+registered tower whose `checkpoint_model_types` holds its config.json `model_type`; the tower class also
+maps its keys saved inside the checkpoint, `llava_checkpoint_key`). A stage-1 (projector pre-training) output holds only
 `mm_projector.bin` and needs the base LLM it was trained on.
 
 Image tokens: the original code never put `<image>` in the tokenizer; it spliced the prompt around the
@@ -24,23 +25,14 @@ from typing import Any
 
 import torch
 
-from unillava.config import CLIP_MEAN, CLIP_STD, LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
+from unillava.config import LLMConfig, ModelConfig, ProjectorConfig, VisionConfig
 from unillava.errors import CheckpointError, UnillavaError
-from unillava.hub.convllava import convnext_tower_config, convnext_tower_key
-from unillava.hub.llava_hf import (
-    PREPROCESSOR_CONFIG,
-    PROCESSOR_CONFIG,
-    assemble,
-    load_tokenizer,
-    pick_template,
-    preprocessing_from_image_processor,
-    read_json,
-    rename_keys,
-)
+from unillava.hub.llava_hf import assemble, load_tokenizer, pick_template, rename_keys
 from unillava.llm import build_language_model_from_config
 from unillava.modeling import LlavaModel
-from unillava.vision import build_vision_tower
-from unillava.weights import has_weights, read_state_dict, read_weights_file
+from unillava.vision import TOWERS, build_vision_tower
+from unillava.vision.base import tower_class_for_checkpoint
+from unillava.weights import has_weights, read_json, read_state_dict, read_weights_file
 
 STAGE1_WEIGHTS = "mm_projector.bin"
 
@@ -96,67 +88,14 @@ def is_original_llava(config: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _clip_tower_config(path: Path, data: dict[str, Any]) -> VisionConfig:
-    """A CLIP checkpoint: a `CLIPVisionModel` (clip_vision_model) or a whole `CLIPModel` (clip)."""
-    vision = data if data.get("model_type") == "clip_vision_model" else data.get("vision_config") or {}
-    native = int(vision.get("image_size", 224))
-    image: dict[str, Any] = {}
-    if (path / PREPROCESSOR_CONFIG).is_file():
-        image = read_json(path / PREPROCESSOR_CONFIG)
-    elif (path / PROCESSOR_CONFIG).is_file():
-        image = read_json(path / PROCESSOR_CONFIG).get("image_processor") or {}
-    size, mode, mean, std = preprocessing_from_image_processor(image, str(path), default_size=native)
-    if size != native:
-        raise CheckpointError(
-            f"{path}: the image processor makes {size}px images but the CLIP tower takes {native}px"
-        )
-    return VisionConfig(
-        type="clip",
-        pretrained=str(path),
-        image_size=size,
-        image_mode=mode,
-        image_mean=mean or list(CLIP_MEAN),
-        image_std=std or list(CLIP_STD),
-    )
-
-
-def _clip_tower_key(key: str) -> str | None:
-    """A key under LLaVA's `model.vision_tower.vision_tower.` (a CLIPVisionModel) -> our CLIP tower's key."""
-    match = re.match(r"^(?:vision_model\.)?((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..+)$", key)
-    return f"model.{match.group(1)}" if match else None
-
-
-# Extension point: a tower checkpoint's config.json `model_type` -> a function (directory, its config.json)
-# -> our VisionConfig with `pretrained` set to the directory. ConvNeXt towers (ConvLLaVA) come from
-# unillava.hub.convllava; a new tower family adds its entry here.
-TOWER_LOADERS: dict[str, Callable[[Path, dict[str, Any]], VisionConfig]] = {
-    "clip_vision_model": _clip_tower_config,
-    "clip": _clip_tower_config,
-    "convnext": convnext_tower_config,
-}
-
-# Extension point: our tower type -> how keys of a trained tower saved inside a LLaVA checkpoint (after
-# `model.vision_tower.vision_tower.`) map to that tower's state-dict keys; None for a key it lacks.
-TOWER_KEY_RENAMES: dict[str, Callable[[str], str | None]] = {
-    "clip": _clip_tower_key,
-    "convnext": convnext_tower_key,
-}
-
-
 def tower_config_from_dir(path: str | Path) -> VisionConfig:
     """The VisionConfig for a local vision-tower checkpoint, by the `model_type` in its config.json."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json; not a vision tower checkpoint")
     data = read_json(path / "config.json")
-    model_type = data.get("model_type")
-    loader = TOWER_LOADERS.get(str(model_type))
-    if loader is None:
-        raise CheckpointError(
-            f"{path}/config.json: vision tower model_type {model_type!r} is not supported; "
-            f"known: {', '.join(sorted(TOWER_LOADERS))}"
-        )
-    return loader(path, data)
+    tower = tower_class_for_checkpoint(str(data.get("model_type")), f"{path}/config.json")
+    return tower.config_from_checkpoint(path, data)
 
 
 def _resolve_tower_dir(path: Path, config: dict[str, Any], vision_tower_path: str | Path | None) -> Path:
@@ -286,13 +225,12 @@ def load_original_llava(
     vision.select_layer = int(config.get("mm_vision_select_layer", -1))
     vision.select_feature = str(config.get("mm_vision_select_feature", "patch"))
     vision.image_mode = _image_mode(path, config)
-    if vision.type == "convnext" and config.get("mm_vision_resolution"):  # ConvLLaVA's input size
+    tower_class = TOWERS[vision.type]
+    if tower_class.takes_mm_vision_resolution and config.get(
+        "mm_vision_resolution"
+    ):  # ConvLLaVA's input size
         vision.image_size = int(config["mm_vision_resolution"])
-    tower_rename = TOWER_KEY_RENAMES.get(vision.type)
-    if tower_rename is None:
-        raise CheckpointError(
-            f"{tower_dir}: no key mapping for tower type {vision.type!r} in TOWER_KEY_RENAMES"
-        )
+    tower_rename = tower_class.llava_checkpoint_key
 
     tokenizer_dir = path if any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")) else base
     tokenizer = load_tokenizer(tokenizer_dir or path, "original LLaVA checkpoint")

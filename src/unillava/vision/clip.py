@@ -2,19 +2,57 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from unillava.config import VisionConfig
-from unillava.errors import ConfigError
-from unillava.vision.base import VisionTower, register_tower
+from unillava.config import CLIP_MEAN, CLIP_STD, VisionConfig
+from unillava.errors import CheckpointError, ConfigError
+from unillava.vision.base import (
+    VisionTower,
+    image_processor_config,
+    preprocessing_from_image_processor,
+    register_tower,
+)
 
 
 @register_tower("clip")
 class CLIPTower(VisionTower):
     """CLIP ViT as in LLaVA-1.5: hidden states of `select_layer`, with or without the CLS token."""
+
+    checkpoint_model_types = ("clip_vision_model", "clip")
+
+    @classmethod
+    def config_from_checkpoint(cls, path: Path, data: dict[str, Any]) -> VisionConfig:
+        """A `CLIPVisionModel` (clip_vision_model) or a whole `CLIPModel` (clip) directory."""
+        vision = data if data.get("model_type") == "clip_vision_model" else data.get("vision_config") or {}
+        native = int(vision.get("image_size", 224))
+        size, mode, mean, std = preprocessing_from_image_processor(
+            image_processor_config(path), str(path), default_size=native
+        )
+        if size != native:
+            raise CheckpointError(
+                f"{path}: the image processor makes {size}px images but the CLIP tower takes {native}px"
+            )
+        return VisionConfig(
+            type="clip",
+            pretrained=str(path),
+            image_size=size,
+            image_mode=mode,
+            image_mean=mean or list(CLIP_MEAN),
+            image_std=std or list(CLIP_STD),
+        )
+
+    @staticmethod
+    def llava_checkpoint_key(key: str) -> str | None:
+        """LLaVA saves a `CLIPVisionModel`, keys with or without `vision_model.`."""
+        match = re.match(
+            r"^(?:vision_model\.)?((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..+)$", key
+        )
+        return f"model.{match.group(1)}" if match else None
 
     def __init__(self, config: VisionConfig):
         super().__init__()

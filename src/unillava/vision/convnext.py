@@ -32,7 +32,12 @@ from transformers.models.convnext.modeling_convnext import ConvNextLayer, ConvNe
 
 from unillava.config import VisionConfig
 from unillava.errors import CheckpointError, ConfigError
-from unillava.vision.base import VisionTower, register_tower
+from unillava.vision.base import (
+    VisionTower,
+    image_processor_config,
+    preprocessing_from_image_processor,
+    register_tower,
+)
 from unillava.weights import WEIGHT_FILES as WEIGHT_FILES_HF
 from unillava.weights import check_state_dict, key_list, read_state_dict
 
@@ -323,6 +328,39 @@ def ensure_stage5(model: ConvNextModel, settings: Mapping[str, Any]) -> ConvNext
 @register_tower("convnext")
 class ConvNeXtTower(VisionTower):
     """ConvNeXt (4 or 5 stages) as in ConvLLaVA: raw last-stage features, stride 32 or 64."""
+
+    checkpoint_model_types = ("convnext",)
+    takes_mm_vision_resolution = True
+
+    @classmethod
+    def config_from_checkpoint(cls, path: Path, data: dict[str, Any]) -> VisionConfig:
+        """A ConvNeXt directory named by a ConvLLaVA checkpoint's `mm_vision_tower`.
+
+        The directory's own config decides the stage count (ConvLLaVA's towers have 5); the square input
+        size comes from its image processor (crop size) or config `image_size`, as ConvLLaVA's model zoo
+        tells users to edit both. The LLaVA loader then applies `mm_vision_resolution`.
+        """
+        normalize_convnext_config(data, f"{path}/config.json")
+        default_size = data.get("image_size")
+        size, _, mean, std = preprocessing_from_image_processor(
+            image_processor_config(path),
+            str(path),
+            default_size=default_size if isinstance(default_size, int) else 768,
+        )
+        return VisionConfig(
+            type="convnext",
+            pretrained=str(path),
+            select_layer=-1,
+            image_size=size,
+            image_mode="pad",
+            image_mean=mean,
+            image_std=std,
+        )
+
+    @staticmethod
+    def llava_checkpoint_key(key: str) -> str | None:
+        """ConvLLaVA saves a `ConvNextModel`."""
+        return f"model.{key}" if re.match(r"^(?:embeddings|encoder|layernorm)\..+$", key) else None
 
     def __init__(self, config: VisionConfig):
         super().__init__()
