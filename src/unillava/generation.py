@@ -10,21 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
-from unillava.conversation import Encoded, Message
 from unillava.errors import UnillavaError
 from unillava.modeling import LlavaModel
 from unillava.processor import Processor
-
-
-def encode_prompt(
-    processor: Processor, conversation: list[Message], images: Sequence[Image.Image]
-) -> tuple[Encoded, list[torch.Tensor]]:
-    """A conversation as a prompt to answer (generation prompt added) and its image tensors: what a
-    request is encoded into once, then batched, generated from and counted in usage."""
-    pixels = processor.preprocess_images(list(images))
-    return processor.encode(conversation, pixels, add_generation_prompt=True), pixels
 
 
 def sampling_kwargs(temperature: float, top_p: float) -> dict[str, Any]:

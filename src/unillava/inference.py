@@ -23,7 +23,7 @@ from unillava.decoding import (
     lora_factors,
 )
 from unillava.errors import UnillavaError
-from unillava.generation import GenerationSettings, autocast, cut_at_stop, encode_prompt, seed_sampling
+from unillava.generation import GenerationSettings, autocast, cut_at_stop, seed_sampling
 from unillava.hub import load_model
 from unillava.modeling import LlavaModel
 from unillava.omg import OMGLlavaModel
@@ -216,7 +216,7 @@ class InferenceModel:
         if visual_prompts:
             conversation = with_prompt_markers(conversation, visual_prompts)
         pictures = [_as_image(im) for im in images]
-        encoded, pixels = encode_prompt(self.processor, conversation, pictures)
+        encoded, pixels = self.processor.encode_prompt(conversation, pictures)
         return self.answer_pixels(
             encoded, pixels, pictures, visual_prompts, settings=settings, return_masks=return_masks
         )

@@ -138,20 +138,29 @@ class Processor:
         flat = [image for sample_images in images for image in sample_images]
         return Batch(ids, mask, labels, flat)
 
-    def prompt_batch(
-        self, conversations: list[list[Message]], images: list[list[Image.Image]]
-    ) -> tuple[Batch, list[int]]:
-        """Left-padded generation inputs; returns the batch and each prompt's length."""
-        encoded, pixel_lists = [], []
-        for messages, sample_images in zip(conversations, images, strict=True):
-            pixels = self.preprocess_images(sample_images)
-            e = self.encode(messages, pixels, add_generation_prompt=True)
+    def encode_prompt(
+        self, conversation: list[Message], images: Sequence[Image.Image]
+    ) -> tuple[Encoded, list[torch.Tensor]]:
+        """A conversation as a prompt to answer (generation prompt added) and its image tensors: what a
+        request is encoded into once, then batched, generated from and counted in usage."""
+        pixels = self.preprocess_images(list(images))
+        return self.encode(conversation, pixels, add_generation_prompt=True), pixels
+
+    def batch_prompts(self, encoded: Sequence[Encoded], pixel_lists: Sequence[list[torch.Tensor]]) -> Batch:
+        """Left-padded generation inputs from encoded prompts; a prompt that fills the context is refused."""
+        for e in encoded:
             if len(e.input_ids) >= self.max_length:
                 raise PromptTooLongError(
                     f"prompt is {len(e.input_ids)} tokens, over the context of {self.max_length} tokens"
                 )
-            encoded.append(e)
-            pixel_lists.append(pixels)
-        batch = self.collate(encoded, pixel_lists, padding_side="left")
+        batch = self.collate(list(encoded), list(pixel_lists), padding_side="left")
         batch.labels = None
-        return batch, [len(e.input_ids) for e in encoded]
+        return batch
+
+    def prompt_batch(
+        self, conversations: list[list[Message]], images: list[list[Image.Image]]
+    ) -> tuple[Batch, list[int]]:
+        """Left-padded generation inputs; returns the batch and each prompt's length."""
+        prepared = [self.encode_prompt(m, ims) for m, ims in zip(conversations, images, strict=True)]
+        encoded = [e for e, _ in prepared]
+        return self.batch_prompts(encoded, [p for _, p in prepared]), [len(e.input_ids) for e in encoded]

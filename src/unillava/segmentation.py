@@ -25,11 +25,11 @@ from unillava.conversation import Encoded, Message, user_message
 from unillava.data.llava_format import MARK_TOKEN, REGION_TOKEN, SEG_TOKEN
 from unillava.data.masks import rle_json
 from unillava.errors import UnillavaError
-from unillava.generation import GenerationSettings, encode_prompt
+from unillava.generation import GenerationSettings
 from unillava.omg.model import PHRASE_END, PHRASE_START, OMGLlavaModel, phrases_for_segs
 from unillava.omg.perception.geometry import PadGeometry
 from unillava.omg.perception.prompts import PromptRegion
-from unillava.processor import Processor, PromptTooLongError
+from unillava.processor import Processor
 
 PromptDicts = Sequence[Mapping[str, Any]]
 
@@ -112,18 +112,12 @@ class Segmenter:
         `pictures` are the images as given (their sizes place the masks); `visual_prompts`: per
         conversation, prompt dicts that fill its `<region>`/`<mark>` tokens in order."""
         model, processor = self.model, self.processor
-        for e in encoded:
-            if len(e.input_ids) >= processor.max_length:
-                raise PromptTooLongError(
-                    f"prompt is {len(e.input_ids)} tokens, over the context of {processor.max_length} tokens"
-                )
         regions: list[list[PromptRegion]] | None = None
         if visual_prompts is not None:
             regions = [
                 model.prompt_regions(p or [], ims) for p, ims in zip(visual_prompts, pictures, strict=True)
             ]
-        batch = processor.collate(list(encoded), list(pixels), padding_side="left")
-        batch.labels = None
+        batch = processor.batch_prompts(encoded, pixels)
         self.check_prompt_markers(batch.input_ids, regions)
         batch = batch.to(model.device)
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
@@ -191,7 +185,7 @@ class Segmenter:
     ) -> list[SegmentationResult]:
         """`results_for_encoded` for conversations and PIL images: each is encoded here first."""
         prepared = [
-            encode_prompt(self.processor, c, ims) for c, ims in zip(conversations, images, strict=True)
+            self.processor.encode_prompt(c, ims) for c, ims in zip(conversations, images, strict=True)
         ]
         return self.results_for_encoded(
             [e for e, _ in prepared],

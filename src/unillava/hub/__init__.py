@@ -14,7 +14,6 @@ InternLM2 + LoRA) into a unillava directory (`unillava convert omg-xtuner`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +27,7 @@ from unillava.hub.original_llava import (
     tower_config_from_dir,
 )
 from unillava.modeling import CONFIG_NAME, LlavaModel
+from unillava.weights import read_json
 
 Layout = Literal["unillava", "llava_hf", "original_llava"]
 
@@ -62,12 +62,7 @@ def detect_layout(path: str | Path) -> Layout:
         raise CheckpointError(
             f"{path}: not a model directory (no {CONFIG_NAME} or config.json); {_listing(path)}"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file}: expected a JSON object")
+    config = read_json(config_file)
     if is_original_llava(config):
         return "original_llava"
     architectures = config.get("architectures") or []

@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from unillava.conversation import Encoded, Message
 from unillava.data.images import load_image
 from unillava.errors import DataError, UnillavaError
-from unillava.generation import encode_prompt
 from unillava.inference import InferenceModel, messages_from_openai
 from unillava.segmentation import with_prompt_markers
 from unillava.serving.batcher import Batcher, BatcherStoppedError, Event, Job, PixelTask, QueueFullError
@@ -566,7 +565,7 @@ class ChatService:
         """The prompt the job runs on, encoded once here; 400 if it does not fit the context."""
         processor = self.processor
         try:
-            encoded, pixels = encode_prompt(processor, conversation, images)
+            encoded, pixels = processor.encode_prompt(conversation, images)
         except (UnillavaError, ValueError) as err:
             raise APIError(400, str(err), param="messages", code="invalid_value") from None
         if len(encoded.input_ids) >= processor.max_length:
